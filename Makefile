@@ -1,0 +1,35 @@
+# Two entry points, each doing its own set-up on a fresh machine:
+#   make table5   -> builds the environment, then `dvc repro table5_ablation` (smoke profile by default)
+#   make test     -> builds the environment, then runs the test suite
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+.PHONY: setup test table5 repro bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# pip compiles bytecode at install time (imports of torch+timm are ~3x slower without it).
+	$(BIN)/python -m pip install --quiet -e '.[test]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
+
+table5: setup
+	PATH="$(abspath $(BIN)):$$PATH" DVC_NO_ANALYTICS=1 $(BIN)/dvc repro table5_ablation
+
+repro: setup
+	PATH="$(abspath $(BIN)):$$PATH" DVC_NO_ANALYTICS=1 $(BIN)/dvc repro
+
+bench: setup
+	$(BIN)/python -m reproduce bench
+
+clean-venv:
+	rm -rf $(VENV)

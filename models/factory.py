@@ -1,0 +1,70 @@
+"""Model construction by name for every family in the suite, for both tasks.
+
+Classification models are plain timm registrations (``timm.create_model(name)``). Segmentation
+models are the timm backbone with ``features_only=True`` plus the shared SegFormer head, whose
+embedding width each family declares here with ``register_segmentation_backbone``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Literal
+
+import timm
+from torch import nn
+
+from models.segmentation import SegmentationModel
+
+Task = Literal["cls", "seg"]
+
+_SEG_EMBED_DIM: dict[str, int] = {}
+_FAMILY_MODULES = ("models.hrvit", "baselines")  # importing these registers every model name
+
+
+def register_segmentation_backbone(name: str, embed_dim: int) -> None:
+    """Declare that ``name`` (a timm-registered model) gets a SegFormer head of width ``embed_dim``."""
+    _SEG_EMBED_DIM[name] = embed_dim
+
+
+def _load_families() -> None:
+    for module in _FAMILY_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:  # a family not present in this checkout
+            if err.name != module:
+                raise
+
+
+def available_models() -> list[str]:
+    """Every model name the suite builds (for both --task cls and --task seg)."""
+    _load_families()
+    return sorted(_SEG_EMBED_DIM)
+
+
+def check_model_name(name: str) -> None:
+    """Raise a ValueError that lists the valid names when ``name`` is unknown."""
+    names = available_models()
+    if name not in names:
+        raise ValueError(f"unknown model {name!r}; available models: {', '.join(names)}")
+
+
+def segmentation_embed_dim(name: str) -> int:
+    check_model_name(name)
+    return _SEG_EMBED_DIM[name]
+
+
+def build_model(
+    name: str,
+    task: Task = "cls",
+    num_classes: int | None = None,
+    embed_dim: int | None = None,
+    **model_kwargs: Any,
+) -> nn.Module:
+    """Build ``name`` for ``task``: ``cls`` -> timm classifier (1000 classes by default);
+    ``seg`` -> backbone + SegFormer head (19 classes by default, head width per family)."""
+    check_model_name(name)
+    if task == "cls":
+        return timm.create_model(name, num_classes=1000 if num_classes is None else num_classes, **model_kwargs)
+    if task == "seg":
+        backbone = timm.create_model(name, features_only=True, **model_kwargs)
+        return SegmentationModel(backbone, embed_dim or _SEG_EMBED_DIM[name], 19 if num_classes is None else num_classes)
+    raise ValueError(f"unknown task {task!r}; use 'cls' or 'seg'")

@@ -1,0 +1,1 @@
+"""Reproduction pipeline code: measurement, data, training, evaluation and table making."""
