@@ -17,12 +17,15 @@ from models.segmentation import SegmentationModel
 Task = Literal["cls", "seg"]
 
 _SEG_EMBED_DIM: dict[str, int] = {}
+_FLOP_FAMILY: dict[str, str] = {}
 _FAMILY_MODULES = ("models.hrvit", "baselines")  # importing these registers every model name
 
 
-def register_segmentation_backbone(name: str, embed_dim: int) -> None:
-    """Declare that ``name`` (a timm-registered model) gets a SegFormer head of width ``embed_dim``."""
+def register_segmentation_backbone(name: str, embed_dim: int, flop_family: str) -> None:
+    """Declare that ``name`` (a timm-registered model) gets a SegFormer head of width ``embed_dim``,
+    and that its published FLOPs follow the counting rule of ``flop_family`` (see reproduce.flops)."""
     _SEG_EMBED_DIM[name] = embed_dim
+    _FLOP_FAMILY[name] = flop_family
 
 
 def _load_families() -> None:
@@ -50,6 +53,12 @@ def check_model_name(name: str) -> None:
 def segmentation_embed_dim(name: str) -> int:
     check_model_name(name)
     return _SEG_EMBED_DIM[name]
+
+
+def flop_family(name: str) -> str:
+    """The paper-convention family whose counting rule reproduces ``name``'s published FLOPs."""
+    check_model_name(name)
+    return _FLOP_FAMILY[name]
 
 
 def build_model(
