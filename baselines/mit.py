@@ -1,0 +1,173 @@
+"""MiT-B0..B4 (SegFormer's Mix Transformer) as timm models, built on smp's MiT encoder.
+
+The backbone is ``segmentation_models_pytorch``'s ``MixVisionTransformer`` with smp's own per-variant
+configuration (parameter for parameter the official NVlabs/SegFormer model, spec baselines.md §1.5);
+this file only adds what timm's ``create_model`` needs: MiT's ImageNet head (stage-4 LayerNorm,
+token mean, Linear), ``forward_intermediates`` for ``features_only`` (4 NCHW maps at strides
+4/8/16/32) and the registrations. smp computes attention with explicit matmuls, so fvcore and
+torch already count them; the registered counter serves the paper ("mit") convention only.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from segmentation_models_pytorch.encoders import mix_transformer as smp_mit
+from timm.layers import trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import nn
+
+from models.factory import register_segmentation_backbone
+from models.flop_registry import AttentionMacs, register_attention_counter
+
+__all__ = ["MiT"]
+
+_STAGES = 4
+_REDUCTIONS = (4, 8, 16, 32)
+
+
+class MiT(smp_mit.MixVisionTransformer):
+    """smp's MixVisionTransformer plus the classification head of the official MiT."""
+
+    def __init__(self, embed_dims: list[int], num_classes: int = 1000, drop_rate: float = 0.0,
+                 global_pool: str = "avg", **kwargs: Any):
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"MiT supports global_pool 'avg' or '' (no pooling), got {global_pool!r}")
+        super().__init__(embed_dims=embed_dims, num_classes=num_classes, **kwargs)
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.feature_info = [
+            dict(num_chs=c, reduction=r, module=f"norm{i + 1}") for i, (c, r) in enumerate(zip(embed_dims, _REDUCTIONS))
+        ]
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    def _stage(self, index: int) -> tuple[nn.Module, nn.Module, nn.Module]:
+        i = index + 1
+        return getattr(self, f"patch_embed{i}"), getattr(self, f"block{i}"), getattr(self, f"norm{i}")
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs after each stage's LayerNorm (MiT always normalises them); ``norm`` is
+        accepted for timm's API and has no further effect."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"MiT features are NCHW only, got output_fmt={output_fmt!r}")
+        take_indices, max_index = feature_take_indices(_STAGES, indices)
+        intermediates = []
+        last = max_index if stop_early else _STAGES - 1
+        for i in range(last + 1):
+            patch_embed, blocks, stage_norm = self._stage(i)
+            x = stage_norm(blocks(patch_embed(x))).contiguous()
+            if i in take_indices:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last wanted one, and the classifier."""
+        take_indices, max_index = feature_take_indices(_STAGES, indices)
+        for i in range(max_index + 1, _STAGES):
+            for name in (f"patch_embed{i + 1}", f"block{i + 1}", f"norm{i + 1}"):
+                setattr(self, name, nn.Identity())
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stage-4 map (NCHW, after norm4)."""
+        return self.forward_intermediates(x, indices=1)[0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))  # the official head: mean over tokens of the norm4 output
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+@register_attention_counter(smp_mit.Attention, family="mit", traced=True)
+def _sra_macs(module: smp_mit.Attention, args: tuple, kwargs: dict, output: Any) -> AttentionMacs:
+    """SegFormer's ``sra_flops``: q·kᵀ and attn·v, each N·(N/sr²)·C (keys/values spatially reduced)."""
+    x, height, width = args  # smp's Block calls attn(x, height, width)
+    batch, tokens, channels = x.shape
+    sr = module.sr_ratio
+    reduced = (height // sr) * (width // sr) if sr > 1 else tokens
+    macs = batch * tokens * reduced * channels
+    return AttentionMacs(qk=macs, av=macs)
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.9,
+        "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+        "first_conv": "patch_embed1.proj", "classifier": "head", **kwargs,
+    }
+
+
+# Head widths of the SegFormer configs (spec baselines.md §0.2): 256 for B0/B1, 768 for B2+.
+_SEG_EMBED_DIM = {"mit_b0": 256, "mit_b1": 256, "mit_b2": 768, "mit_b3": 768, "mit_b4": 768}
+
+default_cfgs = generate_default_cfgs({name: _cfg() for name in _SEG_EMBED_DIM})
+
+
+def _create_mit(variant: str, pretrained: bool = False, **kwargs: Any) -> MiT:
+    if pretrained:
+        raise ValueError(f"{variant}: no pretrained weights are available offline; use pretrained=False")
+    arch = {k: v for k, v in smp_mit.mix_transformer_encoders[variant]["params"].items() if k != "out_channels"}
+    arch.update(kwargs)
+    return build_model_with_cfg(
+        MiT, variant, pretrained,
+        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(_STAGES))),
+        **arch,
+    )
+
+
+@register_model
+def mit_b0(pretrained: bool = False, **kwargs: Any) -> MiT:
+    return _create_mit("mit_b0", pretrained, **kwargs)
+
+
+@register_model
+def mit_b1(pretrained: bool = False, **kwargs: Any) -> MiT:
+    return _create_mit("mit_b1", pretrained, **kwargs)
+
+
+@register_model
+def mit_b2(pretrained: bool = False, **kwargs: Any) -> MiT:
+    return _create_mit("mit_b2", pretrained, **kwargs)
+
+
+@register_model
+def mit_b3(pretrained: bool = False, **kwargs: Any) -> MiT:
+    return _create_mit("mit_b3", pretrained, **kwargs)
+
+
+@register_model
+def mit_b4(pretrained: bool = False, **kwargs: Any) -> MiT:
+    return _create_mit("mit_b4", pretrained, **kwargs)
+
+
+for _name, _dim in _SEG_EMBED_DIM.items():
+    register_segmentation_backbone(_name, _dim, flop_family="mit")
