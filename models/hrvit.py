@@ -1,0 +1,642 @@
+"""HRViT (Gu et al., CVPR 2022): multi-scale high-resolution vision transformer, b1/b2/b3.
+
+Re-implemented from the description of the official code in spec/hrvit.md (section numbers below
+refer to it). Beyond the official code:
+
+* any input size works: up-sampling fusion paths are cropped to their target branch, and stripe
+  attention pads the last stripe and masks its padded keys (the official code needs multiples of 32);
+* all stripes and heads of a half run in one ``F.scaled_dot_product_attention`` call;
+* the Table 5 ablations are keyword switches (``kv_sharing``, ``eff_patch_embed``, ``mixcfn``,
+  ``parallel_conv``, ``nonlinearity_bn``, ``dense_fusion``, ``des``; spec/ablations.md), and the
+  stripe widths are the ``window_sizes`` keyword (the paper's Cityscapes b3 uses ``(1, 2, 9, 9)``).
+
+``timm.create_model("hrvit_b1", features_only=True)`` returns the four branch maps (strides 4, 8, 16,
+32); without it the model is the HRNetV2-style ImageNet classifier of §2.11.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models.resnet import Bottleneck
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.factory import register_segmentation_backbone
+from models.flop_registry import AttentionMacs, register_attention_counter
+
+__all__ = ["HRViT", "HRViTCfg", "HRViTAttn", "ABLATIONS", "ablation_kwargs", "stripe_attention_macs"]
+
+ABLATIONS: tuple[str, ...] = (
+    "kv_sharing",  # False -> K1: separate key projection (Linear C -> 3C)
+    "eff_patch_embed",  # False -> P2: dense Conv3x3 replaces the patch embedding's 1x1 conv
+    "mixcfn",  # False -> F1: plain FFN (MixConv removed)
+    "parallel_conv",  # False -> C1: no Hardswish + DW3x3 path on V
+    "nonlinearity_bn",  # False -> N1: no post-sum Hardswish, no output BatchNorm
+    "dense_fusion",  # False -> S1: HR-NAS neighbour-only fusion
+    "des",  # False -> D1: no diversity-enhanced shortcut
+)
+DEFAULT_WINDOW_SIZES = (1, 2, 7, 7)
+NUM_BRANCHES = 4
+STEM_CHANNELS = 64
+HEAD_WIDTHS = (32, 64, 128, 256)  # §2.11: fixed for every variant
+HEAD_FEATURES = 2048
+MASK_VALUE = -100.0  # §2.7 step 7: the official mask value (not -inf)
+
+
+def ablation_kwargs(names: Iterable[str] | str) -> dict[str, bool]:
+    """Model kwargs that switch off the named techniques (``"all"`` = every Table 5 removal)."""
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in ABLATIONS and n != "all"]
+    if unknown:
+        raise ValueError(f"unknown HRViT ablation(s) {unknown}; valid names: {', '.join(ABLATIONS)}, all")
+    if "all" in names:
+        return {n: False for n in ABLATIONS}
+    return {n: False for n in names}
+
+
+def _check_window_sizes(window_sizes: Sequence[int]) -> tuple[int, ...]:
+    sizes = tuple(window_sizes)
+    if len(sizes) != NUM_BRANCHES or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+        raise ValueError(
+            f"window_sizes must be {NUM_BRANCHES} positive ints (one stripe width per branch), e.g. "
+            f"{DEFAULT_WINDOW_SIZES}; got {window_sizes!r}"
+        )
+    return sizes
+
+
+@dataclass(frozen=True)
+class HRViTCfg:
+    """One variant (§2.3): branch widths, blocks per branch in each of the 6 modules, head dim, MLP ratios."""
+
+    channels: tuple[int, int, int, int]
+    blocks: tuple[tuple[int, ...], ...]
+    dim_head: int
+    mlp_ratios: tuple[int, int, int, int]
+
+
+_B_COMMON = ((1,), (1, 1), (1, 1, 6), (1, 1, 6))
+MODEL_CFGS = {
+    "hrvit_b1": HRViTCfg((32, 64, 128, 256), _B_COMMON + ((1, 1, 6, 2), (1, 1, 2, 2)), 32, (4, 4, 4, 4)),
+    "hrvit_b2": HRViTCfg((48, 96, 240, 384), _B_COMMON + ((1, 1, 6, 2), (1, 1, 6, 2)), 24, (2, 3, 3, 3)),
+    "hrvit_b3": HRViTCfg((64, 128, 256, 512), _B_COMMON + ((1, 1, 6, 3), (1, 1, 6, 3)), 32, (2, 2, 2, 2)),
+}
+SEG_EMBED_DIMS = {"hrvit_b1": 256, "hrvit_b2": 256, "hrvit_b3": 768}  # §2.12
+
+
+# --------------------------------------------------------------------------------------------------
+# Stripe attention
+# --------------------------------------------------------------------------------------------------
+
+
+def half_heads(dim: int, dim_head: int) -> tuple[int, int]:
+    """(heads, head dim) inside one channel half (§2.7 step 6): one head of C/2 when C/2 < dim_head."""
+    half = dim // 2
+    head_dim = min(dim_head, half)
+    if dim % 2 or half % head_dim:
+        raise ValueError(f"HRViTAttn needs an even dim whose half divides into heads of {head_dim}; got dim={dim}")
+    return half // head_dim, head_dim
+
+
+@functools.lru_cache(maxsize=64)
+def _key_padding_mask(
+    n_windows: int, n_heads: int, length: int, n_valid: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive mask (1, windows*heads, 1, L): -100 on the padded keys of the last stripe, 0 elsewhere.
+
+    Only valid query rows are kept after attention, and for those this equals the official
+    query-and-key mask of §2.7 step 7.
+    """
+    mask = torch.zeros(n_windows, n_heads, 1, length, device=device, dtype=dtype)
+    mask[-1, :, :, n_valid:] = MASK_VALUE
+    return mask.reshape(1, n_windows * n_heads, 1, length)
+
+
+def stripe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ws: int, n_heads: int) -> torch.Tensor:
+    """Attention inside horizontal stripes of ``ws`` rows; q, k, v and the result are (B, H, W, c).
+
+    H is zero-padded at the bottom to a multiple of ``ws``; padded keys are masked and padded query
+    rows cropped. Heads are consecutive channel groups, concatenated head-major.
+    """
+    B, H, W, c = q.shape
+    pad = -H % ws
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
+    n_windows, length, head_dim = (H + pad) // ws, ws * W, c // n_heads
+
+    def to_windows(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(B, n_windows, length, n_heads, head_dim).transpose(2, 3)
+        return t.reshape(B, n_windows * n_heads, length, head_dim)
+
+    mask = _key_padding_mask(n_windows, n_heads, length, (ws - pad) * W, q.device, q.dtype) if pad else None
+    out = F.scaled_dot_product_attention(to_windows(q), to_windows(k), to_windows(v), attn_mask=mask)
+    out = out.reshape(B, n_windows, n_heads, length, head_dim).transpose(2, 3)
+    return out.reshape(B, H + pad, W, c)[:, :H]
+
+
+class HRViTAttn(nn.Module):
+    """Cross-shaped stripe self-attention with K = V, parallel conv path and BN tail (§2.7).
+
+    The first half of the channels attends within horizontal stripes of ``ws`` rows, the second half
+    within vertical stripes of ``ws`` columns.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dim_head: int,
+        ws: int,
+        kv_sharing: bool = True,
+        parallel_conv: bool = True,
+        nonlinearity_bn: bool = True,
+    ):
+        super().__init__()
+        self.dim, self.ws, self.kv_sharing = dim, ws, kv_sharing
+        self.n_heads, self.head_dim = half_heads(dim, dim_head)
+        self.qkv = nn.Linear(dim, (2 if kv_sharing else 3) * dim)  # (q, v) with k = v; or (q, k, v)
+        self.conv_act = nn.Hardswish() if parallel_conv else None
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if parallel_conv else None
+        self.act = nn.Hardswish() if nonlinearity_bn else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self.bn = nn.BatchNorm1d(dim) if nonlinearity_bn else None
+        if self.bn is not None:  # §2.7 step 10: the attention sub-layer starts as exactly 0
+            nn.init.zeros_(self.bn.weight)
+            nn.init.zeros_(self.bn.bias)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        B, N, C = x.shape
+        parts = self.qkv(x).reshape(B, H, W, -1, C).unbind(3)
+        q, v = parts[0], parts[-1]
+        k = v if self.kv_sharing else parts[1]
+        half = C // 2
+        horizontal = stripe_attention(q[..., :half], k[..., :half], v[..., :half], self.ws, self.n_heads)
+        vq, vk, vv = (t[..., half:].transpose(1, 2) for t in (q, k, v))
+        vertical = stripe_attention(vq, vk, vv, self.ws, self.n_heads).transpose(1, 2)
+        out = torch.cat([horizontal, vertical], dim=-1).reshape(B, N, C)
+        if self.conv is not None:
+            out = out + self.conv(self.conv_act(v.permute(0, 3, 1, 2))).flatten(2).transpose(1, 2)
+        out = self.proj(self.act(out))
+        if self.bn is not None:
+            out = self.bn(out.reshape(B * N, C)).reshape(B, N, C)
+        return out
+
+
+def stripe_attention_macs(batch: int, H: int, W: int, ws: int, n_heads: int, head_dim: int) -> int:
+    """MACs of ONE attention matmul (q·kᵀ or attn·v; they are equal) over both halves, padded stripes included."""
+    horizontal = math.ceil(H / ws) * n_heads * (ws * W) ** 2 * head_dim
+    vertical = math.ceil(W / ws) * n_heads * (ws * H) ** 2 * head_dim
+    return batch * (horizontal + vertical)
+
+
+@register_attention_counter(HRViTAttn, family="hrvit")
+def _count_hrvit_attention(module: HRViTAttn, args: tuple, kwargs: dict, output: Any) -> AttentionMacs:
+    x = args[0] if args else kwargs["x"]
+    H = args[1] if len(args) > 1 else kwargs["H"]
+    W = args[2] if len(args) > 2 else kwargs["W"]
+    macs = stripe_attention_macs(x.shape[0], H, W, module.ws, module.n_heads, module.head_dim)
+    return AttentionMacs(qk=macs, av=macs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Block parts
+# --------------------------------------------------------------------------------------------------
+
+
+class DiversityShortcut(nn.Module):
+    """DES (§2.8): the token viewed as a k×p matrix, Linear(p) on the right, GELU, Linear(k) on the left."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"DES needs an even width, got {dim}")
+        e = int(math.log2(dim))
+        self.p = 2 ** (e - e // 2)
+        if dim % self.p:
+            raise ValueError(f"DES needs the width {dim} to be divisible by p={self.p}")
+        self.k = dim // self.p
+        self.right = nn.Linear(self.p, self.p)
+        self.act = nn.GELU()
+        self.left = nn.Linear(self.k, self.k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = self.act(self.right(x.reshape(*shape[:-1], self.k, self.p))).transpose(-1, -2)
+        return self.left(x).transpose(-1, -2).reshape(shape)
+
+
+class MixCFN(nn.Module):
+    """Linear -> [DW3x3 | DW5x5] on the two channel halves -> GELU -> Linear (§2.9); F1 drops the MixConv."""
+
+    def __init__(self, dim: int, hidden: int, mixconv: bool = True):
+        super().__init__()
+        if mixconv and hidden % 2:
+            raise ValueError(f"MixCFN needs an even hidden width, got {hidden}")
+        self.fc1 = nn.Linear(dim, hidden)
+        self.conv3 = nn.Conv2d(hidden // 2, hidden // 2, 3, padding=1, groups=hidden // 2) if mixconv else None
+        self.conv5 = nn.Conv2d(hidden // 2, hidden // 2, 5, padding=2, groups=hidden // 2) if mixconv else None
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        x = self.fc1(x)
+        if self.conv3 is not None:
+            B, _, C = x.shape
+            x3, x5 = x.transpose(1, 2).reshape(B, C, H, W).chunk(2, dim=1)
+            x = torch.cat([self.conv3(x3), self.conv5(x5)], dim=1).flatten(2).transpose(1, 2)
+        return self.fc2(self.act(x))
+
+
+class HRViTBlock(nn.Module):
+    """Pre-norm block (§2.5): x + DropPath(Attn(LN(x)) + DES(x)), then x + DropPath(MixCFN(LN(x)))."""
+
+    def __init__(
+        self,
+        dim: int,
+        dim_head: int,
+        ws: int,
+        mlp_ratio: float,
+        drop_path: float,
+        kv_sharing: bool = True,
+        mixcfn: bool = True,
+        parallel_conv: bool = True,
+        nonlinearity_bn: bool = True,
+        des: bool = True,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = HRViTAttn(dim, dim_head, ws, kv_sharing, parallel_conv, nonlinearity_bn)
+        self.des = DiversityShortcut(dim) if des else None
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MixCFN(dim, int(dim * mlp_ratio), mixcfn)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        a = self.attn(self.norm1(x), H, W)
+        if self.des is not None:
+            a = a + self.des(x)  # DES sees the un-normalised input and shares the attention drop-path
+        x = x + self.drop_path(a)
+        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+
+
+class PatchEmbed(nn.Module):
+    """Stride-1 patch embedding (§2.6): Conv1x1 -> DW3x3 -> tokens -> LN. P2 uses a dense Conv3x3 first.
+
+    (The literal MiT reading P1 of spec/ablations.md, a single Conv3x3 + LN, is not built: P2 is the
+    reading that reproduces every Table 5 cell.)
+    """
+
+    def __init__(self, in_chans: int, dim: int, efficient: bool = True):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, 1) if efficient else nn.Conv2d(in_chans, dim, 3, padding=1)
+        self.dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.dw(self.proj(x)).flatten(2).transpose(1, 2))
+
+
+class HRViTBranch(nn.Module):
+    """One branch of one module (§2.6): patch embedding, HRViT blocks, LayerNorm, back to NCHW."""
+
+    def __init__(self, in_chans: int, dim: int, drop_paths: Sequence[float], eff_patch_embed: bool, **block_kwargs):
+        super().__init__()
+        self.patch_embed = PatchEmbed(in_chans, dim, eff_patch_embed)
+        self.blocks = nn.ModuleList(HRViTBlock(dim, drop_path=dp, **block_kwargs) for dp in drop_paths)
+        self.norm = nn.LayerNorm(dim)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        x = self.patch_embed(x)
+        for block in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+                x = checkpoint(block, x, H, W, use_reentrant=False)
+            else:
+                x = block(x, H, W)
+        return self.norm(x).transpose(1, 2).reshape(B, -1, H, W)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-resolution fusion
+# --------------------------------------------------------------------------------------------------
+
+
+def _fusion_path(c_in: int, c_out: int, steps: int) -> nn.Module:
+    """Path from a branch ``steps`` levels finer (>0: downsample) or coarser (<0: upsample) (§2.10)."""
+    if steps == 0:
+        return nn.Identity()
+    if steps > 0:
+        factor = 2**steps
+        return nn.Sequential(
+            nn.Conv2d(c_in, c_in, factor + 1, stride=factor, padding=factor // 2, groups=c_in, bias=False),
+            nn.BatchNorm2d(c_in),
+            nn.Conv2d(c_in, c_out, 1),
+            nn.BatchNorm2d(c_out),
+        )
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 1), nn.BatchNorm2d(c_out), nn.Upsample(scale_factor=2**-steps, mode="nearest")
+    )
+
+
+class FusionLayer(nn.Module):
+    """Output i = GELU(sum over inputs j of path_{j->i}(x_j)) (§2.10).
+
+    Dense: every input feeds every output, including a new coarsest branch. ``dense=False`` is the
+    HR-NAS neighbour-only rule (S1): only |i - j| <= 1, so a new branch comes from the previous
+    coarsest branch alone. Up-paths are cropped to their target size so any input size works.
+    """
+
+    def __init__(self, in_channels: Sequence[int], out_channels: Sequence[int], dense: bool = True):
+        super().__init__()
+        self.paths = nn.ModuleList(
+            nn.ModuleDict(
+                {str(j): _fusion_path(c_in, c_out, i - j) for j, c_in in enumerate(in_channels) if dense or abs(i - j) <= 1}
+            )
+            for i, c_out in enumerate(out_channels)
+        )
+        self.act = nn.GELU()
+
+    def forward(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        outs = []
+        for i, paths in enumerate(self.paths):
+            total = None
+            for j, path in paths.items():
+                y = path(xs[int(j)])
+                if int(j) > i:
+                    y = y[..., : xs[i].shape[-2], : xs[i].shape[-1]]
+                total = y if total is None else total + y
+            outs.append(self.act(total))
+        return outs
+
+
+class HRViTModule(nn.Module):
+    """Fusion layer followed by one HRViT stage on every branch (one row of §2.1's module table)."""
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        channels: Sequence[int],
+        blocks: Sequence[int],
+        drop_paths: Sequence[float],
+        dense_fusion: bool,
+        eff_patch_embed: bool,
+        block_kwargs: Sequence[dict],
+    ):
+        super().__init__()
+        fused = list(in_channels) + list(channels[len(in_channels) :])
+        self.fusion = FusionLayer(in_channels, fused, dense_fusion)
+        self.branches = nn.ModuleList(
+            HRViTBranch(c_in, c, drop_paths[:n], eff_patch_embed, **kw)
+            for c_in, c, n, kw in zip(fused, channels, blocks, block_kwargs)
+        )
+
+    def forward(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [branch(x) for branch, x in zip(self.branches, self.fusion(xs))]
+
+
+# --------------------------------------------------------------------------------------------------
+# Classification head and model
+# --------------------------------------------------------------------------------------------------
+
+
+class HRNetV2Head(nn.Module):
+    """ImageNet head (§2.11): Bottleneck per branch, strided-conv aggregation, Conv1x1 to 2048, pool, FC."""
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, drop_rate: float):
+        super().__init__()
+        outs = [w * Bottleneck.expansion for w in HEAD_WIDTHS]
+        self.incre = nn.ModuleList(
+            Bottleneck(
+                c,
+                w,
+                downsample=nn.Sequential(nn.Conv2d(c, o, 1, bias=False), nn.BatchNorm2d(o)),
+            )
+            for c, w, o in zip(in_channels, HEAD_WIDTHS, outs)
+        )
+        self.downsamples = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(a, b, 3, stride=2, padding=1), nn.BatchNorm2d(b), nn.ReLU(inplace=True))
+            for a, b in zip(outs[:-1], outs[1:])
+        )
+        self.final_layer = nn.Sequential(
+            nn.Conv2d(outs[-1], HEAD_FEATURES, 1), nn.BatchNorm2d(HEAD_FEATURES), nn.ReLU(inplace=True)
+        )
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(HEAD_FEATURES, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, xs: Sequence[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
+        y = self.incre[0](xs[0])
+        for incre, down, x in zip(self.incre[1:], self.downsamples, xs[1:]):
+            y = incre(x) + down(y)
+        y = self.drop(self.final_layer(y).mean(dim=(2, 3)))
+        return y if pre_logits else self.fc(y)
+
+
+class HRViT(nn.Module):
+    """HRViT backbone (stem + 6 modules) with the HRNetV2 classification head."""
+
+    def __init__(
+        self,
+        cfg: HRViTCfg,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        window_sizes: Sequence[int] = DEFAULT_WINDOW_SIZES,
+        kv_sharing: bool = True,
+        eff_patch_embed: bool = True,
+        mixcfn: bool = True,
+        parallel_conv: bool = True,
+        nonlinearity_bn: bool = True,
+        dense_fusion: bool = True,
+        des: bool = True,
+    ):
+        super().__init__()
+        window_sizes = _check_window_sizes(window_sizes)
+        self.in_chans, self.num_classes, self.drop_rate = in_chans, num_classes, drop_rate
+        self.window_sizes = window_sizes
+        self.num_features = self.head_hidden_size = HEAD_FEATURES
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, STEM_CHANNELS // 2, 3, stride=2, padding=1),
+            nn.BatchNorm2d(STEM_CHANNELS // 2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(STEM_CHANNELS // 2, STEM_CHANNELS, 3, stride=2, padding=1),
+            nn.BatchNorm2d(STEM_CHANNELS),
+            nn.ReLU(inplace=True),
+        )
+        block_kwargs = [
+            dict(
+                dim_head=cfg.dim_head,
+                ws=ws,
+                mlp_ratio=r,
+                kv_sharing=kv_sharing,
+                mixcfn=mixcfn,
+                parallel_conv=parallel_conv,
+                nonlinearity_bn=nonlinearity_bn,
+                des=des,
+            )
+            for ws, r in zip(window_sizes, cfg.mlp_ratios)
+        ]
+        # §2.4: one rate per depth index of each module; parallel branches share them.
+        depths = [max(b) for b in cfg.blocks]
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        stages, in_channels = [], [STEM_CHANNELS]
+        for m, blocks in enumerate(cfg.blocks):
+            first = sum(depths[:m])
+            channels = cfg.channels[: len(blocks)]
+            stages.append(
+                HRViTModule(
+                    in_channels,
+                    channels,
+                    blocks,
+                    rates[first : first + depths[m]],
+                    dense_fusion,
+                    eff_patch_embed,
+                    block_kwargs,
+                )
+            )
+            in_channels = list(channels)
+        self.stages = nn.ModuleList(stages)
+        self.feature_info = [
+            dict(num_chs=c, reduction=4 * 2**i, module=f"stages.{len(stages) - 1}.branches.{i}")
+            for i, c in enumerate(cfg.channels)
+        ]
+        self.head = HRNetV2Head(cfg.channels, num_classes, drop_rate)
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for module in self.modules():
+            if isinstance(module, HRViTBranch):
+                module.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head.fc = nn.Linear(HEAD_FEATURES, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            _init_weights(self.head.fc)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"HRViT expects a 4-D (B, C, H, W) image batch, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"HRViT was built for {self.in_chans} input channels but the input has {x.shape[1]}; "
+                f"convert the images or build the model with in_chans={x.shape[1]}"
+            )
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The four branch maps (B, C_i, ~H/2^(i+2), ~W/2^(i+2)); sizes are ceil-divisions of H and W."""
+        self._check_input(x)
+        xs = [self.stem(x)]
+        for stage in self.stages:
+            xs = stage(xs)
+        return xs
+
+    def forward_head(self, xs: Sequence[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
+        return self.head(xs, pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """timm feature API: the selected branch maps (all branches finish in the last module)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"HRViT features are NCHW only, got output_fmt={output_fmt!r}")
+        take, _ = feature_take_indices(NUM_BRANCHES, indices)
+        xs = self.forward_features(x)
+        intermediates = [xs[i] for i in take]
+        return intermediates if intermediates_only else (xs, intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the classification head for feature extraction; every module is needed by every branch."""
+        take, _ = feature_take_indices(NUM_BRANCHES, indices)
+        if prune_head:
+            self.head = None
+        return take
+
+
+def _init_weights(module: nn.Module) -> None:
+    """§2.13 (the segmentation backbone's init): Linear trunc_normal(0.02), bias 0; others PyTorch default."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------------
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return dict(
+        url="",  # the official repository publishes no checkpoints
+        num_classes=1000,
+        input_size=(3, 224, 224),
+        pool_size=(7, 7),
+        crop_pct=0.9,
+        interpolation="bicubic",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        first_conv="stem.0",
+        classifier="head.fc",
+        license="cc-by-nc-4.0",
+        **kwargs,
+    )
+
+
+default_cfgs = generate_default_cfgs({name: _cfg() for name in MODEL_CFGS})
+
+
+def _create_hrvit(variant: str, pretrained: bool = False, **kwargs: Any) -> HRViT:
+    if pretrained:
+        raise ValueError(f"no pretrained weights exist for {variant} (the official repo publishes none); use pretrained=False")
+    return build_model_with_cfg(
+        HRViT,
+        variant,
+        pretrained,
+        model_cfg=MODEL_CFGS[variant],
+        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(NUM_BRANCHES))),
+        **kwargs,
+    )
+
+
+@register_model
+def hrvit_b1(pretrained: bool = False, **kwargs: Any) -> HRViT:
+    return _create_hrvit("hrvit_b1", pretrained, **kwargs)
+
+
+@register_model
+def hrvit_b2(pretrained: bool = False, **kwargs: Any) -> HRViT:
+    return _create_hrvit("hrvit_b2", pretrained, **kwargs)
+
+
+@register_model
+def hrvit_b3(pretrained: bool = False, **kwargs: Any) -> HRViT:
+    return _create_hrvit("hrvit_b3", pretrained, **kwargs)
+
+
+for _name, _embed_dim in SEG_EMBED_DIMS.items():
+    register_segmentation_backbone(_name, _embed_dim, flop_family="hrvit")
