@@ -1,0 +1,182 @@
+"""``python -m reproduce measure MODEL``: params and GFLOPs under the paper, fvcore and torch conventions.
+
+``measure_named`` is the same measurement as a function (for notebooks and DVC stages); it returns
+the JSON object the CLI prints. Requests are validated before any model is built.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Any, Iterable, Sequence
+
+DEFAULT_SIZE = {"cls": (224, 224), "seg": (512, 512)}
+DEFAULT_CLASSES = {"cls": 1000, "seg": 19}
+HRVIT_ONLY = "--window-sizes and --ablate apply to HRViT models only ({names}); got {model!r}"
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated measurement request, defaults filled in."""
+
+    model: str
+    task: str
+    num_classes: int
+    size: tuple[int, int]
+    window_sizes: tuple[int, ...] | None
+    ablate: tuple[str, ...]
+
+    def model_kwargs(self) -> dict[str, Any]:
+        from models.hrvit import ablation_kwargs
+
+        kwargs: dict[str, Any] = ablation_kwargs(self.ablate) if self.ablate else {}
+        if self.window_sizes is not None:
+            kwargs["window_sizes"] = self.window_sizes
+        return kwargs
+
+
+def hrvit_models() -> list[str]:
+    """Names registered by ``models/hrvit.py`` (the only models with window sizes and ablations)."""
+    import timm
+
+    from models.factory import available_models
+
+    available_models()  # imports the family modules, registering their timm names
+    return timm.list_models(module="hrvit")
+
+
+def check_request(
+    model: str,
+    task: str = "cls",
+    num_classes: int | None = None,
+    size: Sequence[int] | None = None,
+    window_sizes: Sequence[int] | None = None,
+    ablate: Iterable[str] = (),
+) -> Request:
+    """Validate a request and fill in its defaults; a ValueError says what is wrong and how to fix it."""
+    from models.factory import check_model_name
+
+    check_model_name(model)
+    if task not in DEFAULT_SIZE:
+        raise ValueError(f"unknown task {task!r}; use 'cls' or 'seg'")
+    num_classes = DEFAULT_CLASSES[task] if num_classes is None else num_classes
+    if num_classes < 1:
+        raise ValueError(f"--num-classes must be a positive integer, got {num_classes}")
+    size = tuple(DEFAULT_SIZE[task] if size is None else size)
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"--size takes H W (or one value for a square), both positive; got {list(size)}")
+    ablate = tuple(dict.fromkeys(ablate))
+    if window_sizes is not None or ablate:
+        names = hrvit_models()
+        if model not in names:
+            raise ValueError(HRVIT_ONLY.format(names=", ".join(names), model=model))
+        from models.hrvit import ABLATIONS, NUM_BRANCHES
+
+        unknown = [a for a in ablate if a not in (*ABLATIONS, "all")]
+        if unknown:
+            raise ValueError(f"unknown ablation(s) {unknown}; choose from {', '.join(ABLATIONS)}, all")
+        if window_sizes is not None and (len(window_sizes) != NUM_BRANCHES or min(window_sizes) < 1):
+            raise ValueError(
+                f"--window-sizes takes {NUM_BRANCHES} positive ints, one per branch (e.g. 1 2 9 9); "
+                f"got {list(window_sizes)}"
+            )
+    return Request(model, task, num_classes, size, None if window_sizes is None else tuple(window_sizes), ablate)
+
+
+def measure_request(request: Request, conventions: Iterable[str] | None = None, depth: int = 2) -> dict[str, Any]:
+    """Build the requested model and return its ledger as a JSON-ready dict."""
+    import timm
+    import torch
+
+    from models.factory import build_model, flop_family
+    from reproduce.flops import ALL_CONVENTIONS, CONVENTIONS, measure
+
+    family = flop_family(request.model)
+    model = build_model(request.model, request.task, request.num_classes, **request.model_kwargs())
+    ledger = measure(model, request.size, family, ALL_CONVENTIONS if conventions is None else conventions, depth)
+    result: dict[str, Any] = {
+        "model": request.model,
+        "task": request.task,
+        "num_classes": request.num_classes,
+        "size": list(request.size),
+        "ablate": list(request.ablate),
+        "flop_family": family,
+    }
+    if request.window_sizes is not None:
+        result["window_sizes"] = list(request.window_sizes)
+    result.update(ledger.to_dict())
+    result["conventions"] = {name: CONVENTIONS[name] for name in ledger.gflops}
+    result["paper_rule_why"] = ledger.rule.why
+    result["versions"] = {"torch": torch.__version__, "timm": timm.__version__, "fvcore": version("fvcore")}
+    return result
+
+
+def measure_named(
+    name: str,
+    task: str = "cls",
+    num_classes: int | None = None,
+    size: Sequence[int] | None = None,
+    window_sizes: Sequence[int] | None = None,
+    ablate: Iterable[str] = (),
+    conventions: Iterable[str] | None = None,
+    depth: int = 2,
+) -> dict[str, Any]:
+    """Params and GFLOPs of a suite model by name (all conventions unless ``conventions`` says otherwise)."""
+    return measure_request(check_request(name, task, num_classes, size, window_sizes, ablate), conventions, depth)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a suite model name, e.g. hrvit_b1, mit_b1, cswin_t, hrnet18_mit")
+    parser.add_argument("--task", choices=("cls", "seg"), default="cls", help="classifier or backbone + SegFormer head (default cls)")
+    parser.add_argument("--num-classes", type=int, help="default 1000 for cls, 19 for seg")
+    parser.add_argument("--size", type=int, nargs="+", metavar="H W", help="input size (default 224 224 for cls, 512 512 for seg)")
+    parser.add_argument("--window-sizes", type=int, nargs="+", metavar="A B C D", help="HRViT stripe widths per branch, e.g. 1 2 9 9")
+    parser.add_argument("--ablate", nargs="+", default=[], metavar="NAME", help="HRViT techniques to remove (Table 5): "
+                        "kv_sharing eff_patch_embed mixcfn parallel_conv nonlinearity_bn dense_fusion des all")
+    parser.add_argument("--depth", type=int, default=2, help="module depth of the per-module breakdown (default 2)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def _print_tables(result: dict[str, Any]) -> None:
+    from tabulate import tabulate
+
+    conventions = list(result["conventions"])
+    title = f"{result['model']} {result['task']} {result['num_classes']} classes {result['size'][0]}x{result['size'][1]}"
+    if result.get("window_sizes"):
+        title += f" windows {'-'.join(map(str, result['window_sizes']))}"
+    if result["ablate"]:
+        title += f" ablate {' '.join(result['ablate'])}"
+    print(f"{title} (paper rule: {result['flop_family']})")
+    print(tabulate([[f"{result['params']:,}", *(f"{result['gflops'][c]:.3f}" for c in conventions)]],
+                   headers=["params", *(f"GFLOPs {c}" for c in conventions)], disable_numparse=True))
+    print()
+    rows = [[name, f"{int(row['params']):,}", *(row[c] for c in conventions)] for name, row in result["breakdown"].items()]
+    print(tabulate(rows, headers=["module", "params", *conventions], floatfmt=".3f"))
+    for name, text in result["conventions"].items():
+        print(f"\n{name}: {text}")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.depth < 1:
+        return _usage_error(f"--depth must be >= 1, got {args.depth}")
+    try:
+        request = check_request(args.model, args.task, args.num_classes, args.size, args.window_sizes, args.ablate)
+    except ValueError as err:
+        return _usage_error(str(err))
+    result = measure_request(request, depth=args.depth)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_tables(result)
+    return 0
+
+
+def _usage_error(message: str) -> int:
+    """Report a bad request the way argparse does (message on stderr, exit status 2)."""
+    import sys
+
+    print(f"python -m reproduce measure: error: {message}", file=sys.stderr)
+    return 2
