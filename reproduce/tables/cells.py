@@ -1,0 +1,132 @@
+"""Paper cell + our cell -> one record per table cell, with the difference, tolerance flag and provenance.
+
+A record is a flat dict (one CSV line). Efficiency cells compare our measurement under the paper's
+counting convention (hrvit.md §4.5) with the printed cell. Accuracy cells carry the profile and the data
+of the run that produced them; only a paper-profile run on the real dataset counts as a reproduction.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from reproduce.tables.spec import (
+    ACCURACY_COLUMNS,
+    DEFAULT_TOLERANCE,
+    FITTED_TOLERANCE,
+    METRIC_KEY,
+    PAPER_DIR,
+    Row,
+    Table,
+)
+
+Record = dict[str, Any]
+
+
+def paper_frame(table: Table, paper_dir: Path = PAPER_DIR) -> pd.DataFrame:
+    """The paper's printed cells, indexed by row label (labels read as strings, e.g. Table 7's '9')."""
+    frame = pd.read_csv(paper_dir / table.csv, dtype={table.key: str}).set_index(table.key)
+    missing = [row.label for row in table.rows if row.label not in frame.index]
+    if missing:
+        raise ValueError(f"{paper_dir / table.csv} lacks rows {missing}; it must match reproduce/tables/spec.py")
+    return frame
+
+
+def run_metrics_path(results: Path, kind: str, run: str) -> Path:
+    """Where the pipeline writes a run's metrics (kind: pretrain, cityscapes or ade20k)."""
+    return results / "pretrain" / run / "metrics.json" if kind == "pretrain" else results / "finetune" / kind / run / "metrics.json"
+
+
+def measure_path(results: Path, table: str) -> Path:
+    return results / "measure" / f"{table}.json"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def within_tolerance(column: str, paper: float, ours: float, fitted: bool) -> tuple[bool, str]:
+    """Tolerance check of an efficiency cell, and the rule in words."""
+    if column == "params_m":
+        if fitted:
+            tol = FITTED_TOLERANCE["params_rel"]
+            return abs(ours - paper) <= tol * paper, f"±{tol:.0%}"
+        tol = DEFAULT_TOLERANCE["params_abs_m"]
+        return abs(ours - paper) <= tol + 1e-9, f"±{tol} M"
+    tol = FITTED_TOLERANCE["gflops_rel"] if fitted else DEFAULT_TOLERANCE["gflops_rel"]
+    return abs(ours - paper) <= tol * paper, f"±{tol:.0%}"
+
+
+def _efficiency(table: Table, row: Row, column: str, paper: float | None, measured: dict[str, Any] | None) -> Record:
+    record: Record = {"kind": "efficiency", "convention": "paper", "source": "measure"}
+    if measured is None:
+        return {**record, "status": "missing", "ours": None}
+    if column == "params_m":
+        ours = measured["params"] / 1e6
+        record["exact"] = measured["params"]
+    else:
+        ours = measured["gflops"]["paper"]
+        record["gflops_fvcore"] = measured["gflops"]["fvcore"]
+        record["gflops_torch"] = measured["gflops"].get("torch")
+    record.update(ours=ours, status="measured", git_commit=measured.get("git_commit"),
+                  setting=_setting(measured))
+    if paper is not None:
+        ok, rule = within_tolerance(column, paper, ours, row.fitted)
+        record.update(diff=ours - paper, within_tolerance=ok, tolerance=rule)
+    return record
+
+
+def _setting(measured: dict[str, Any]) -> str:
+    """The measured configuration in words, e.g. 'seg 19 cls 512x512 windows 1-2-9-9 ablate mixcfn'."""
+    text = f"{measured['task']} {measured['num_classes']} cls {measured['size'][0]}x{measured['size'][1]}"
+    if measured.get("window_sizes"):
+        text += " windows " + "-".join(map(str, measured["window_sizes"]))
+    if measured.get("ablate"):
+        text += " ablate " + "+".join(measured["ablate"])
+    return text
+
+
+def _accuracy(row: Row, column: str, results: Path) -> Record:
+    kind = ACCURACY_COLUMNS[column]
+    run = row.runs.get(column)
+    record: Record = {"kind": "accuracy", "source": kind, "run": run}
+    metrics = _read_json(run_metrics_path(results, kind, run)) if run else None
+    if metrics is None:
+        return {**record, "status": "not trained" if run is None else "missing", "ours": None}
+    value = metrics[METRIC_KEY[kind]]
+    # top1 is a percentage already; miou is a fraction (reproduce/train/seg_metrics.py).
+    ours = value if kind == "pretrain" else 100.0 * value
+    reproduction = metrics["profile"] == "paper" and metrics["dataset"] != "synthetic"
+    record.update(
+        ours=ours, profile=metrics["profile"], dataset=metrics["dataset"], data_source=metrics.get("data_source"),
+        git_commit=metrics.get("git_commit"), wall_time_s=metrics.get("wall_time_s"),
+        status="reproduction" if reproduction else metrics["profile"],
+    )
+    return record
+
+
+def build_records(table: Table, results: Path, paper_dir: Path = PAPER_DIR) -> list[Record]:
+    """Every cell of ``table``: paper value, ours, difference, tolerance flag and provenance."""
+    paper = paper_frame(table, paper_dir)
+    measured = (_read_json(measure_path(results, table.name)) or {}).get("rows", {})
+    records = []
+    for row in table.rows:
+        for column in table.columns:
+            value = paper.at[row.label, column]
+            paper_value = None if pd.isna(value) else float(value)
+            if column in ACCURACY_COLUMNS:
+                record = _accuracy(row, column, results)
+                if paper_value is not None and record["ours"] is not None:
+                    record["diff"] = record["ours"] - paper_value
+            else:
+                record = _efficiency(table, row, column, paper_value, measured.get(row.label))
+            records.append({"table": table.name, "row": row.label, "column": column, "paper": paper_value,
+                            "note": row.note, **record})
+    return records
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value))
