@@ -108,38 +108,35 @@ def half_heads(dim: int, dim_head: int) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=64)
 def _key_padding_mask(
-    n_windows: int, n_heads: int, length: int, n_valid: int, device: torch.device, dtype: torch.dtype
+    batch: int, n_windows: int, length: int, n_valid: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Additive mask (1, windows*heads, 1, L): -100 on the padded keys of the last stripe, 0 elsewhere.
+    """Additive mask (B*windows, 1, 1, L): -100 on the padded keys of each image's last stripe, else 0.
 
     Only valid query rows are kept after attention, and for those this equals the official
     query-and-key mask of §2.7 step 7.
     """
-    mask = torch.zeros(n_windows, n_heads, 1, length, device=device, dtype=dtype)
-    mask[-1, :, :, n_valid:] = MASK_VALUE
-    return mask.reshape(1, n_windows * n_heads, 1, length)
+    mask = torch.zeros(batch, n_windows, 1, 1, length, device=device, dtype=dtype)
+    mask[:, -1, ..., n_valid:] = MASK_VALUE
+    return mask.reshape(batch * n_windows, 1, 1, length)
 
 
-def stripe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ws: int, n_heads: int) -> torch.Tensor:
-    """Attention inside horizontal stripes of ``ws`` rows; q, k, v and the result are (B, H, W, c).
+def stripe_attention(qkv: torch.Tensor, ws: int, n_heads: int) -> torch.Tensor:
+    """Attention inside horizontal stripes of ``ws`` rows.
 
-    H is zero-padded at the bottom to a multiple of ``ws``; padded keys are masked and padded query
-    rows cropped. Heads are consecutive channel groups, concatenated head-major.
+    ``qkv`` is (B, H, W, P, c) with P = 2 (q, v; the keys are the values) or 3 (q, k, v); the result
+    is (B, H, W, c). H is zero-padded at the bottom to a multiple of ``ws``; padded keys are masked
+    and padded query rows cropped. Heads are consecutive channel groups, concatenated head-major.
     """
-    B, H, W, c = q.shape
+    B, H, W, _, c = qkv.shape
     pad = -H % ws
     if pad:
-        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
+        qkv = F.pad(qkv, (0, 0, 0, 0, 0, 0, 0, pad))
     n_windows, length, head_dim = (H + pad) // ws, ws * W, c // n_heads
-
-    def to_windows(t: torch.Tensor) -> torch.Tensor:
-        t = t.reshape(B, n_windows, length, n_heads, head_dim).transpose(2, 3)
-        return t.reshape(B, n_windows * n_heads, length, head_dim)
-
-    mask = _key_padding_mask(n_windows, n_heads, length, (ws - pad) * W, q.device, q.dtype) if pad else None
-    out = F.scaled_dot_product_attention(to_windows(q), to_windows(k), to_windows(v), attn_mask=mask)
-    out = out.reshape(B, n_windows, n_heads, length, head_dim).transpose(2, 3)
-    return out.reshape(B, H + pad, W, c)[:, :H]
+    windows = qkv.reshape(B * n_windows, length, -1, n_heads, head_dim)  # a view unless strides forbid it
+    q, k, v = (windows[:, :, i].transpose(1, 2) for i in (0, 1, -1))  # (B*windows, heads, L, d); k = v if P = 2
+    mask = _key_padding_mask(B, n_windows, length, (ws - pad) * W, qkv.device, qkv.dtype) if pad else None
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).reshape(B, H + pad, W, c)[:, :H]
 
 
 class HRViTAttn(nn.Module):
@@ -173,16 +170,14 @@ class HRViTAttn(nn.Module):
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         B, N, C = x.shape
-        parts = self.qkv(x).reshape(B, H, W, -1, C).unbind(3)
-        q, v = parts[0], parts[-1]
-        k = v if self.kv_sharing else parts[1]
+        qkv = self.qkv(x).reshape(B, H, W, -1, C)  # (.., P, C): (q, v) with k = v, or (q, k, v)
+        v = qkv[:, :, :, -1]
         half = C // 2
-        horizontal = stripe_attention(q[..., :half], k[..., :half], v[..., :half], self.ws, self.n_heads)
-        vq, vk, vv = (t[..., half:].transpose(1, 2) for t in (q, k, v))
-        vertical = stripe_attention(vq, vk, vv, self.ws, self.n_heads).transpose(1, 2)
+        horizontal = stripe_attention(qkv[..., :half], self.ws, self.n_heads)
+        vertical = stripe_attention(qkv[..., half:].transpose(1, 2), self.ws, self.n_heads).transpose(1, 2)
         out = torch.cat([horizontal, vertical], dim=-1).reshape(B, N, C)
         if self.conv is not None:
-            out = out + self.conv(self.conv_act(v.permute(0, 3, 1, 2))).flatten(2).transpose(1, 2)
+            out = out + self.conv(self.conv_act(v.permute(0, 3, 1, 2))).permute(0, 2, 3, 1).reshape(B, N, C)
         out = self.proj(self.act(out))
         if self.bn is not None:
             out = self.bn(out.reshape(B * N, C)).reshape(B, N, C)
@@ -249,8 +244,8 @@ class MixCFN(nn.Module):
         x = self.fc1(x)
         if self.conv3 is not None:
             B, _, C = x.shape
-            x3, x5 = x.transpose(1, 2).reshape(B, C, H, W).chunk(2, dim=1)
-            x = torch.cat([self.conv3(x3), self.conv5(x5)], dim=1).flatten(2).transpose(1, 2)
+            x3, x5 = x.reshape(B, H, W, C).permute(0, 3, 1, 2).chunk(2, dim=1)  # channels-last views
+            x = torch.cat([self.conv3(x3), self.conv5(x5)], dim=1).permute(0, 2, 3, 1).reshape(B, -1, C)
         return self.fc2(self.act(x))
 
 
@@ -486,7 +481,7 @@ class HRViT(nn.Module):
         ]
         # §2.4: one rate per depth index of each module; parallel branches share them.
         depths = [max(b) for b in cfg.blocks]
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         stages, in_channels = [], [STEM_CHANNELS]
         for m, blocks in enumerate(cfg.blocks):
             first = sum(depths[:m])
