@@ -508,9 +508,13 @@ class HRViT(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward. The recomputation updates the attention BN's running
+        statistics a second time, so (as the official ``with_cp``) its momentum becomes 1 - sqrt(0.9)."""
         for module in self.modules():
             if isinstance(module, HRViTBranch):
                 module.grad_checkpointing = enable
+            elif isinstance(module, HRViTAttn) and module.bn is not None:
+                module.bn.momentum = 1 - 0.9**0.5 if enable else 0.1
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

@@ -418,3 +418,26 @@ def test_gradients_reach_every_parameter(b1):
     (model(x) * weights).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, f"parameters without gradient: {missing}"
+
+
+def test_grad_checkpointing_matches_plain_backward(b1):
+    model = copy.deepcopy(b1).train()
+    model.set_grad_checkpointing(True)
+    assert all(m.bn.momentum == pytest.approx(1 - 0.9**0.5) for m in model.modules() if isinstance(m, HRViTAttn))
+    branch = model.stages[2].branches[2]  # M3, branch 3: 6 blocks
+    torch.manual_seed(0)  # deterministic
+    x = torch.randn(2, 128, 5, 6)
+    with torch.no_grad():
+        for m in branch.modules():
+            if isinstance(m, HRViTAttn):
+                m.bn.weight.fill_(1.0)
+    grads = []
+    for checkpointed in (False, True):
+        branch.grad_checkpointing = checkpointed
+        branch.zero_grad()
+        out = branch(x)
+        out.square().sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in branch.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for plain, ckpt in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(plain, ckpt)
