@@ -73,7 +73,7 @@ def dataset_flags(params: dict[str, Any], dataset: str) -> list[str]:
 
 def pretrain_argv(params: dict[str, Any], run: str, results: Path) -> list[str]:
     entry = lookup(params, "pretrain", run)
-    recipe = params["recipes"][params["profile"]]["pretrain"]
+    recipe = {**params["recipes"][params["profile"]]["pretrain"], **(entry.get("recipe") or {})}
     return ["pretrain", "--model", entry["model"], "--profile", params["profile"], *dataset_flags(params, "imagenet"),
             *flags({"ablate": entry.get("ablate") or []}), *flags(recipe), "--output", str(results / "pretrain" / run)]
 
@@ -81,7 +81,7 @@ def pretrain_argv(params: dict[str, Any], run: str, results: Path) -> list[str]:
 def finetune_argv(params: dict[str, Any], dataset: str, run: str, results: Path) -> list[str]:
     entry = lookup(params, dataset, run)
     init = lookup(params, "pretrain", entry["init"])
-    recipe = params["recipes"][params["profile"]][dataset]
+    recipe = {**params["recipes"][params["profile"]][dataset], **(entry.get("recipe") or {})}
     return ["finetune", "--model", init["model"], "--profile", params["profile"], *dataset_flags(params, dataset),
             *flags({"ablate": init.get("ablate") or [], "window-sizes": entry.get("window-sizes") or []}), *flags(recipe),
             "--pretrained", str(results / "pretrain" / entry["init"] / "checkpoint.pt"),
@@ -122,7 +122,7 @@ def measure_table(params: dict[str, Any], table_name: str, results: Path) -> Pat
     commit = git_commit()
     rows = {}
     for label, request in checked.items():
-        result = measure_request(request, MEASURE_CONVENTIONS, depth=1)
+        result = measure_request(request, MEASURE_CONVENTIONS, depth=4)  # 4: HRViT's six modules M1..M6
         result["git_commit"] = commit
         rows[label] = result
         print(f"{table_name} {label}: {result['params']:,} params, {result['gflops']['paper']:.3f} GFLOPs (paper convention)", flush=True)

@@ -155,12 +155,14 @@ def to_latex(table: Table, records: Sequence[Record]) -> str:
 
 def headline_metrics(table: Table, records: Sequence[Record]) -> dict[str, Any]:
     """The DVC metrics of a table: our value per cell, and how many efficiency cells are in tolerance."""
-    efficiency = [r for r in records if r["kind"] == "efficiency" and "within_tolerance" in r]
+    efficiency = [r for r in records if r["kind"] == "efficiency" and r["paper"] is not None]
+    measured = [r for r in efficiency if "within_tolerance" in r]
     profiles = sorted({r["profile"] for r in records if r["kind"] == "accuracy" and r["ours"] is not None})
     return {
         "profile": "+".join(profiles) or "none",
         "efficiency_cells": len(efficiency),
-        "efficiency_within_tolerance": sum(bool(r["within_tolerance"]) for r in efficiency),
+        "efficiency_measured": len(measured),
+        "efficiency_within_tolerance": sum(bool(r["within_tolerance"]) for r in measured),
         "ours": {row.label: {r["column"]: round(r["ours"], 4) for r in records if r["row"] == row.label and r["ours"] is not None}
                  for row in table.rows},
     }

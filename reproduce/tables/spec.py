@@ -91,7 +91,8 @@ WINDOWS = {7: "hrvit_b3-w7", 9: "hrvit_b3", 11: "hrvit_b3-w11", 13: "hrvit_b3-w1
 
 
 def _cs_row(label: str, run: str, measure: Measure = SEG19, **kw) -> Row:
-    return Row(label, run, measure, {"imagenet_top1": run, "cityscapes_miou": run}, window_run=run, **kw)
+    window_run = run if run.startswith("hrvit") else None  # only HRViT has window sizes
+    return Row(label, run, measure, {"imagenet_top1": run, "cityscapes_miou": run}, window_run=window_run, **kw)
 
 
 TABLES: dict[str, Table] = {
