@@ -353,7 +353,11 @@ class FusionLayer(nn.Module):
         super().__init__()
         self.paths = nn.ModuleList(
             nn.ModuleDict(
-                {str(j): _fusion_path(c_in, c_out, i - j) for j, c_in in enumerate(in_channels) if dense or abs(i - j) <= 1}
+                {
+                    str(j): _fusion_path(c_in, c_out, i - j)
+                    for j, c_in in enumerate(in_channels)
+                    if dense or abs(i - j) <= 1
+                }
             )
             for i, c_out in enumerate(out_channels)
         )
@@ -611,7 +615,9 @@ default_cfgs = generate_default_cfgs({name: _cfg() for name in MODEL_CFGS})
 
 def _create_hrvit(variant: str, pretrained: bool = False, **kwargs: Any) -> HRViT:
     if pretrained:
-        raise ValueError(f"no pretrained weights exist for {variant} (the official repo publishes none); use pretrained=False")
+        raise ValueError(
+            f"no pretrained weights exist for {variant} (the official repo publishes none); use pretrained=False"
+        )
     return build_model_with_cfg(
         HRViT,
         variant,

@@ -181,7 +181,9 @@ ABLATION_SEG_PARAMS = {  # HRViT-b1 + SegFormer head, 19 classes
 
 @pytest.fixture(scope="module")
 def ablated_b1() -> dict[str, torch.nn.Module]:
-    return {name: on_meta(build_model, "hrvit_b1", task="seg", **ablation_kwargs([name])) for name in ABLATION_SEG_PARAMS}
+    return {
+        name: on_meta(build_model, "hrvit_b1", task="seg", **ablation_kwargs([name])) for name in ABLATION_SEG_PARAMS
+    }
 
 
 @pytest.mark.parametrize("name", list(ABLATION_SEG_PARAMS))
