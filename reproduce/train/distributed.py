@@ -1,0 +1,76 @@
+"""One process group set-up for every scale: a plain process, or torchrun on one or many nodes
+(gloo on CPU, nccl on GPU), read from torchrun's environment variables."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_world_size() -> int:
+    """World size torchrun announces (1 outside torchrun), known before any set-up, for validation."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup(device: str = "auto") -> DistContext:
+    """Initialise the process group when launched by torchrun; pick the device of this rank."""
+    world = env_world_size()
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but CUDA is not available")
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return DistContext(rank, world, local_rank, dev)
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def teardown(ctx: DistContext) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter's bytes, in order: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def gather_digests(ctx: DistContext, model: nn.Module) -> list[str]:
+    """Every rank's parameter digest (rank order), to check that DDP kept the replicas identical."""
+    digest = parameter_digest(model)
+    if not ctx.distributed:
+        return [digest]
+    out: list[str | None] = [None] * ctx.world_size
+    dist.all_gather_object(out, digest)
+    return [str(d) for d in out]

@@ -1,0 +1,272 @@
+"""``python -m reproduce finetune``: semantic-segmentation fine-tuning with the SegFormer head.
+
+The paper profile is the official SegFormer/HRViT mmseg recipe (spec hrvit.md §3.2, baselines.md
+§4.4): AdamW 6e-5, weight decay 0.01 except on LayerNorm parameters, head lr x10, poly (power 1)
+with a 1500-iteration linear warm-up over 160k iterations, Cityscapes 1024 crops / batch 8 with
+sliding-window test (stride 768), ADE20K 512 crops / batch 16 with whole-image test.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import PolyLRScheduler
+from torch import nn
+
+from models.factory import build_model
+from reproduce.data import synthetic
+from reproduce.data.datasets import SEG_DATASETS, SegDatasetInfo, SegmentationDataset, index_segmentation, synthetic_seg_scale
+from reproduce.data.seg_transforms import IGNORE_INDEX, SegTestTransform, SegTrainTransform
+from reproduce.train import distributed, engine
+from reproduce.train.evaluation import evaluate_segmentation
+
+DEFAULT_SYNTHETIC_ROOT = Path("data/synthetic")
+# Backbone drop-path of the official configs (hrvit.md §3.2); other backbones keep MiT's 0.1.
+DROP_PATH = {
+    "ade20k": {"hrvit_b1": 0.1, "hrvit_b2": 0.2, "hrvit_b3": 0.3},
+    "cityscapes": {"hrvit_b1": 0.15, "hrvit_b2": 0.2, "hrvit_b3": 0.3},
+}
+DEFAULT_DROP_PATH = 0.1
+
+# None: filled per dataset (crop, batch, test mode) or per model (drop-path) by ``profile_defaults``.
+PAPER = {
+    "crop_size": None, "iters": 160000, "warmup_iters": 1500, "warmup_ratio": 1e-6, "batch_size": None, "accum_steps": 1,
+    "lr": 6e-5, "head_lr_mult": 10.0, "weight_decay": 0.01, "poly_power": 1.0, "min_lr": 0.0, "drop_path": None,
+    "ratio_range": [0.5, 2.0], "cat_max_ratio": 0.75, "flip_prob": 0.5, "photometric": True,
+    "test_mode": None, "test_crop": None, "test_stride": None,
+    "amp": True, "sync_bn": True, "deterministic": False, "seed": 0, "num_workers": 4,
+    "checkpoint_every": 4000, "log_every": 50, "synthetic_size": 200,
+}
+# Same recipe, scaled down to seconds on a CPU: 64 px crops of 64x128 generated scenes, 4 iterations.
+SMOKE = {
+    **PAPER, "crop_size": 64, "iters": 4, "warmup_iters": 1, "batch_size": 4, "deterministic": True,
+    "num_workers": 0, "checkpoint_every": 0, "log_every": 1, "synthetic_size": 8,
+}
+PROFILES = {"paper": PAPER, "smoke": SMOKE}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    engine.add_common_arguments(parser, default_dataset="synthetic")
+    parser.description = (parser.description or "") + f". Datasets: {', '.join(SEG_DATASETS)}."
+    parser.add_argument("--pretrained", type=Path, default=None, help="checkpoint.pt of a pretrain run (backbone weights; head dropped). Omit for random init")
+    parser.add_argument("--iters", "--steps", dest="iters", type=int, help="training iterations (paper 160000)")
+    parser.add_argument("--warmup-iters", type=int)
+    parser.add_argument("--crop-size", type=int, help="training crop (paper: Cityscapes 1024, ADE20K 512; generated scenes are crop x 2*crop)")
+    parser.add_argument("--head-lr-mult", type=float)
+    parser.add_argument("--test-mode", choices=("slide", "whole"))
+    parser.add_argument("--test-crop", type=int, help="sliding-window size (default: the crop size)")
+    parser.add_argument("--test-stride", type=int, help="sliding-window stride (default: 3/4 of the window, Cityscapes' 768 for 1024)")
+
+
+def dataset_scale(info: SegDatasetInfo, crop: int) -> tuple[int, int]:
+    """Nominal (w, h) resize scale; generated scenes are made at the crop height."""
+    return info.scale if info.scale is not None else synthetic_seg_scale(crop)
+
+
+def profile_defaults(profile: str, dataset: str, model: str) -> dict[str, Any]:
+    info = SEG_DATASETS[dataset]
+    recipe = dict(PROFILES[profile])
+    recipe["crop_size"] = recipe["crop_size"] or info.paper_crop or 64
+    recipe["batch_size"] = recipe["batch_size"] or info.paper_batch
+    recipe["test_mode"] = info.test_mode
+    recipe["drop_path"] = DROP_PATH.get(dataset, DROP_PATH["cityscapes"]).get(model, DEFAULT_DROP_PATH)
+    return recipe
+
+
+def validate(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """Recipe, model settings and per-rank micro-batch; every check runs before any data is read."""
+    if args.dataset not in SEG_DATASETS:
+        raise engine.SettingsError(f"finetune --dataset must be one of {', '.join(SEG_DATASETS)}, got {args.dataset!r}")
+    if args.dataset != "synthetic" and args.data_root is None:
+        raise engine.SettingsError(f"--dataset {args.dataset} needs --data-root")
+    recipe = engine.resolve_recipe(profile_defaults(args.profile, args.dataset, args.model), args)
+    recipe["test_crop"] = recipe["test_crop"] or recipe["crop_size"]
+    recipe["test_stride"] = recipe["test_stride"] or recipe["test_crop"] * 3 // 4
+    micro = engine.validate_common(args.model, recipe)
+    if recipe["iters"] < 1 or recipe["warmup_iters"] < 0:
+        raise engine.SettingsError(f"--iters must be >= 1 and --warmup-iters >= 0, got {recipe['iters']}, {recipe['warmup_iters']}")
+    engine.check_multiple_of_32("--crop-size", recipe["crop_size"])
+    engine.check_multiple_of_32("--test-crop", recipe["test_crop"])
+    if not 0 < recipe["test_stride"] <= recipe["test_crop"]:
+        raise engine.SettingsError(f"--test-stride must be in 1..test crop ({recipe['test_crop']}), got {recipe['test_stride']}")
+    scale = dataset_scale(SEG_DATASETS[args.dataset], recipe["crop_size"])
+    for flag, size in (("--crop-size", recipe["crop_size"]), ("--test-crop", recipe["test_crop"])):
+        if size > min(scale):
+            raise engine.SettingsError(
+                f"{flag} {size} is larger than {args.dataset}'s images at the pipeline scale {scale[0]}x{scale[1]} "
+                f"(short side {min(scale)}); use at most {min(scale)}"
+            )
+    if args.pretrained is not None and not args.pretrained.is_file():
+        raise engine.SettingsError(f"--pretrained {args.pretrained} does not exist (expected a pretrain run's checkpoint.pt)")
+    settings = engine.model_settings(args, recipe["drop_path"])
+    engine.model_kwargs(args.model, settings)
+    return recipe, settings, micro
+
+
+def data_root(args: argparse.Namespace, recipe: dict[str, Any], ctx: distributed.DistContext) -> Path:
+    if args.dataset != "synthetic":
+        return Path(args.data_root)
+    cache = Path(args.data_root) if args.data_root is not None else DEFAULT_SYNTHETIC_ROOT
+    if ctx.local_rank == 0:
+        synthetic.ensure_synthetic(cache, "seg", recipe["seed"], recipe["synthetic_size"], recipe["crop_size"])
+    distributed.barrier(ctx)
+    return synthetic.ensure_synthetic(cache, "seg", recipe["seed"], recipe["synthetic_size"], recipe["crop_size"])
+
+
+def build_dataset(name: str, root: Path, split: str, recipe: dict[str, Any], augment: bool) -> SegmentationDataset:
+    """One split with the training pipeline (``augment``) or the test-time resize."""
+    info = SEG_DATASETS[name]
+    scale = dataset_scale(info, recipe["crop_size"])
+    if augment:
+        transform = SegTrainTransform(scale, recipe["crop_size"], tuple(recipe["ratio_range"]), recipe["cat_max_ratio"], recipe["flip_prob"], recipe["photometric"])
+    else:
+        transform = SegTestTransform(scale, align=32 if recipe["test_mode"] == "whole" else 1)
+    return SegmentationDataset(index_segmentation(name, root, split), transform)
+
+
+def load_pretrained_backbone(model: nn.Module, path: Path, name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Copy a pretrain checkpoint's weights into ``model.backbone``; the classifier head is dropped.
+
+    Keys are matched after removing feature-wrapper prefixes (timm's ``model.``) and treating '_'
+    and '.' alike (timm's flattened feature modules); what did not match is reported."""
+    state = engine.load_checkpoint(path)
+    if state.get("task") != "cls":
+        raise ValueError(f"--pretrained {path} is a {state.get('task')!r} checkpoint; expected a pretrain (classification) run")
+    if state["model"] != name:
+        raise ValueError(f"--pretrained {path} holds {state['model']}, not {name}")
+    if sorted(state["model_settings"].get("ablate", [])) != sorted(settings.get("ablate", [])):
+        raise ValueError(f"--pretrained {path} was trained with --ablate {state['model_settings'].get('ablate')}, this run uses {settings.get('ablate')}")
+
+    def norm(key: str) -> str:
+        return key.removeprefix("model.").replace("_", ".")
+
+    source: dict[str, list[str]] = {}
+    for key in state["model_state"]:
+        source.setdefault(norm(key), []).append(key)
+    target = model.backbone.state_dict()
+    loaded, missing, mismatched, used = {}, [], [], set()
+    for key, value in target.items():
+        candidates = source.get(norm(key), [])
+        if len(candidates) != 1:
+            missing.append(key)
+            continue
+        tensor = state["model_state"][candidates[0]]
+        if tensor.shape != value.shape:
+            mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(value.shape)}")
+            continue
+        loaded[key] = tensor
+        used.add(candidates[0])
+    if not loaded:
+        raise ValueError(f"--pretrained {path}: no parameter matched the {name} backbone; is it a checkpoint of this model?")
+    model.backbone.load_state_dict(loaded, strict=False)
+    dropped = sorted(k for k in state["model_state"] if k not in used)
+    return {
+        "path": str(path), "loaded": len(loaded), "missing": missing, "shape_mismatch": mismatched,
+        "dropped": dropped, "pretrain_profile": state.get("profile"), "pretrain_window_sizes": state["model_settings"].get("window_sizes"),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe, settings, micro = validate(args)
+    start = time.time()
+    ctx = distributed.setup(args.device)
+    try:
+        return _train(args, recipe, settings, micro, ctx, start)
+    finally:
+        distributed.teardown(ctx)
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult: float) -> list[dict[str, Any]]:
+    """mmseg paramwise_cfg of the SegFormer/HRViT configs: ``head`` lr x ``head_lr_mult``; no weight
+    decay on the parameters its ``norm`` key matches, which in these backbones are the LayerNorms
+    (BatchNorm and biases keep the decay, hrvit.md §3.2)."""
+    no_decay = {id(p) for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) for p in m.parameters(recurse=False)}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for pname, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((pname.startswith("decode_head."), id(p) in no_decay), []).append(p)
+    return [
+        {"params": ps, "lr": lr * (head_lr_mult if head else 1.0), "weight_decay": 0.0 if nd else weight_decay}
+        for (head, nd), ps in sorted(groups.items())
+    ]
+
+
+def _train(args, recipe, settings, micro, ctx, start) -> int:
+    log = engine.Logger(ctx, "finetune")
+    engine.configure_determinism(recipe["deterministic"])
+    info = SEG_DATASETS[args.dataset]
+    root = data_root(args, recipe, ctx)
+    train_set, val_set = build_dataset(args.dataset, root, "train", recipe, True), build_dataset(args.dataset, root, "val", recipe, False)
+    data_source = "generated" if args.dataset == "synthetic" else str(root)
+    log.line(f"{args.model} on {args.dataset} ({data_source}): {len(train_set)} train / {len(val_set)} val images, {info.num_classes} classes, world {ctx.world_size}")
+
+    engine.seed_everything(recipe["seed"])
+    model = build_model(args.model, "seg", num_classes=info.num_classes, **engine.model_kwargs(args.model, settings))
+    pretrained = load_pretrained_backbone(model, args.pretrained, args.model, settings) if args.pretrained else None
+    if pretrained:
+        log.line(f"pretrained backbone from {args.pretrained}: {pretrained['loaded']} tensors loaded, {len(pretrained['missing'])} missing, "
+                 f"{len(pretrained['shape_mismatch'])} shape mismatches, {len(pretrained['dropped'])} dropped (classifier head)")
+        for line in pretrained["missing"][:10] + pretrained["shape_mismatch"][:10]:
+            log.line(f"  not loaded: {line}")
+    amp, sync_bn = engine.use_amp(recipe, ctx), engine.use_sync_bn(recipe, ctx)
+    model = engine.wrap_ddp(model, ctx, sync_bn)
+    optimizer = create_optimizer_v2(param_groups(engine.unwrap(model), recipe["lr"], recipe["weight_decay"], recipe["head_lr_mult"]), opt="adamw", lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+    scheduler = PolyLRScheduler(
+        optimizer, t_initial=recipe["iters"], power=recipe["poly_power"], lr_min=recipe["min_lr"],
+        warmup_t=recipe["warmup_iters"], warmup_lr_init=recipe["lr"] * recipe["warmup_ratio"], t_in_epochs=False,
+    )
+    sched = engine.make_schedule(ctx, len(train_set), micro, recipe["accum_steps"], total_steps=recipe["iters"])
+
+    def loss_fn(net, batch, step):
+        images, labels = batch[0].to(ctx.device, non_blocking=True), batch[1].to(ctx.device, non_blocking=True)
+        logits = F.interpolate(net(images), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+
+    trainer = engine.Trainer(ctx, model, optimizer, scheduler, loss_fn, amp, None, recipe["seed"], log, recipe["log_every"])
+    identity = {
+        "task": "seg", "model": args.model, "model_settings": settings, "recipe": recipe, "dataset": args.dataset,
+        "data_source": data_source, "world_size": ctx.world_size, "pretrained": str(args.pretrained) if args.pretrained else None,
+    }
+    fingerprint = engine.run_fingerprint(identity)
+    ckpt_path = args.output / engine.CHECKPOINT_NAME
+
+    def checkpoint(step: int, finished: bool = False) -> dict[str, Any]:
+        return {
+            "format": engine.CHECKPOINT_FORMAT, **identity, "profile": args.profile, "num_classes": info.num_classes,
+            "class_names": list(info.class_names), "fingerprint": fingerprint, "step": step, "total_steps": sched.total_steps,
+            "finished": finished, **trainer.state(),
+        }
+
+    def save(step: int) -> None:
+        if ctx.is_main:
+            engine.save_checkpoint(ckpt_path, checkpoint(step))
+            log.line(f"checkpoint at step {step} -> {ckpt_path}")
+
+    state = engine.resume_state(args.output, fingerprint, args.no_resume, log)
+    start_step = 0
+    if state is not None:
+        trainer.load_state(state)
+        start_step = state["step"]
+    throughput = trainer.fit(train_set, sched, start_step, recipe["num_workers"], save, recipe["checkpoint_every"], args.kill_after_steps)
+    digests = distributed.gather_digests(ctx, engine.unwrap(model))
+    result = evaluate_segmentation(model, val_set, ctx, info.num_classes, info.class_names, recipe["test_mode"], recipe["test_crop"], recipe["test_stride"], recipe["num_workers"], amp)
+    log.line(f"val mIoU {100 * result['miou']:.2f} pixel acc {100 * result['pixel_accuracy']:.2f} ({result['classes_scored']} classes scored)")
+    if ctx.is_main:
+        engine.save_checkpoint(ckpt_path, checkpoint(sched.total_steps, finished=True))
+        metrics = {
+            **result, **throughput, "wall_time_s": time.time() - start, "profile": args.profile, "dataset": args.dataset,
+            "data_source": data_source, "model": args.model, "model_settings": settings, "recipe": recipe,
+            "effective": {"amp": amp, "sync_bn": sync_bn, "device": str(ctx.device), "micro_batch": micro, "world_size": ctx.world_size},
+            "num_classes": info.num_classes, "steps": sched.total_steps, "resumed_from_step": start_step or None,
+            "init": "pretrained" if pretrained else "random", "pretrained": pretrained,
+            "ranks_identical": len(set(digests)) == 1 if ctx.distributed else None, "param_digests": digests,
+            "checkpoint": str(ckpt_path), "git_commit": engine.git_commit(),
+        }
+        engine.write_metrics(args.output / engine.METRICS_NAME, metrics)
+        log.line(f"wrote {args.output / engine.METRICS_NAME}")
+    return 0
