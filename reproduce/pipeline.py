@@ -103,19 +103,9 @@ def measure_requests(params: dict[str, Any], table_name: str) -> dict[str, dict[
     return requests
 
 
-def git_commit() -> str:
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
-        return out + ("+dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def measure_table(params: dict[str, Any], table_name: str, results: Path) -> Path:
     from reproduce.measure import check_request, measure_request
+    from reproduce.train.engine import git_commit  # the same provenance string as the training runs
 
     requests = measure_requests(params, table_name)
     checked = {label: check_request(**{"model" if k == "name" else k: v for k, v in kw.items()}) for label, kw in requests.items()}

@@ -148,9 +148,10 @@ def tiny_pipeline(tmp_path):
         (shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir() else shutil.copy2(src, dst))
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     smoke = params["recipes"]["smoke"]
-    smoke["pretrain"].update({"epochs": 1, "warmup-epochs": 0, "synthetic-size": 8, "batch-size": 8})
+    # synthetic-size 16: the generated classification set needs at least one image per class (10)
+    smoke["pretrain"].update({"epochs": 1, "warmup-epochs": 0, "synthetic-size": 16, "batch-size": 16})
     for ds in ("cityscapes", "ade20k"):
-        smoke[ds].update({"iters": 1, "warmup-iters": 0, "synthetic-size": 2, "batch-size": 2})
+        smoke[ds].update({"iters": 1, "warmup-iters": 0, "synthetic-size": 4, "batch-size": 2})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _dvc("init", "--no-scm", "-q", cwd=tmp_path)
     _dvc("config", "core.site_cache_dir", str(tmp_path / ".dvc-site"), cwd=tmp_path)
