@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 SMP_MIT_B1 = "smp_mit_b1"
@@ -143,7 +144,9 @@ def bench_one(config: dict[str, Any]) -> dict[str, Any]:
 
 def _bench_in_subprocess(config: dict[str, Any]) -> dict[str, Any]:
     code = "import json, sys; from reproduce.bench import bench_one; print(json.dumps(bench_one(json.loads(sys.argv[1]))))"
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(config)], capture_output=True, text=True)
+    # run from the checkout holding this file, so the worker imports the same code as its parent
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(config)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
     if proc.returncode != 0:
         raise RuntimeError(f"benchmarking {config['model']} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -42,7 +42,7 @@ each untraced counter agrees with the SDPA shapes it ran, so attention is never 
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import math
 import warnings
 from collections import defaultdict
@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -154,6 +155,9 @@ def _fvcore_sdpa_handle(inputs: list, outputs: list) -> int:
     return sdpa_macs(*(get_shape(v) for v in inputs[:3]))
 
 
+CPU_FUSED_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # no flop formula in torch's registry
+
+
 def _torch_cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * sdpa_macs(query_shape, key_shape, value_shape)
 
@@ -198,8 +202,23 @@ class _SdpaWatch(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _paper_counts(model: nn.Module, x: torch.Tensor, rule: CountingRule) -> tuple[dict[str, float], int, float, dict[str, int]]:
-    """Per-module (exclusive) paper FLOPs, total counter MACs, scaled attention FLOPs, uncounted types."""
+Forward = Callable[[torch.Tensor], Any]  # runs ``model`` (possibly with swapped-in meta weights)
+
+
+@dataclass
+class _ShapePass:
+    """What one forward pass under the module hooks (and optionally torch's counter) counted."""
+
+    paper: dict[str, float]  # module name -> exclusive paper FLOPs
+    attention_macs: int  # registered counters, both matmuls, unscaled
+    paper_attention_flops: float  # the same after each counter family's factor
+    uncounted: dict[str, int]  # leaf types with parameters that the rule counts as 0 -> calls
+    torch: dict[str, float] | None  # module name -> inclusive torch FLOPs ("" = whole model)
+
+
+def _shape_pass(model: nn.Module, forward: Forward, x: torch.Tensor, rule: CountingRule, with_torch: bool) -> _ShapePass:
+    """One forward: paper-rule hooks, attention counters, the SDPA coverage check and, when asked,
+    torch's FlopCounterMode (sharing the pass halves the cost)."""
     names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
     flops: dict[str, float] = defaultdict(float)
     uncounted: dict[str, int] = defaultdict(int)
@@ -233,32 +252,51 @@ def _paper_counts(model: nn.Module, x: torch.Tensor, rule: CountingRule) -> tupl
             handles.append(module.register_forward_pre_hook(enter_attention))
             handles.append(module.register_forward_hook(attention_hook, with_kwargs=True))
     watch = _SdpaWatch(stack)
+    torch_mode = FlopCounterMode(display=False, custom_mapping={CPU_FUSED_SDPA: _torch_cpu_sdpa_flops}) if with_torch else None
     try:
-        with watch:
-            model(x)
+        with watch, torch_mode or contextlib.nullcontext():
+            forward(x)
     finally:
         for handle in handles:
             handle.remove()
     _check_attention_coverage(watch.macs, {n: (counters[n], macs) for n, macs in counter_macs.items()})
-    return flops, sum(counter_macs.values()), scaled[0], dict(uncounted)
+    return _ShapePass(flops, sum(counter_macs.values()), scaled[0], dict(uncounted),
+                      None if torch_mode is None else _torch_module_counts(torch_mode, model))
+
+
+def _torch_module_counts(mode: FlopCounterMode, model: nn.Module) -> dict[str, float]:
+    """torch's per-module totals keyed like ``named_modules`` (its tracker prefixes the root's class name)."""
+    root = type(model).__name__
+    counts = {"": float(mode.get_total_flops())}
+    for key, ops in mode.get_flop_counts().items():
+        if key.startswith(root + "."):
+            counts[key[len(root) + 1:]] = float(sum(ops.values()))
+    return counts
 
 
 class AttentionCoverageError(RuntimeError):
     """An SDPA call that no registered counter covers, or a counter that disagrees with its SDPA calls."""
 
 
+def _is_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
 def _count_on_shapes(count: Callable[..., T], model: nn.Module, shape: tuple[int, ...], *args: Any) -> T:
-    """``count(model, zeros(shape), *args)`` on a meta-device copy of ``model``: the hook and dispatch
-    counters need only shapes, and skipping the arithmetic makes them 5-10x faster. A forward that
-    needs real values (data-dependent ops fail on meta tensors) is rerun on real zeros."""
+    """``count(model, forward, zeros(shape), *args)`` with ``model`` run on meta-device copies of its
+    weights (``torch.func.functional_call``): the hook and dispatch counters need only shapes, and
+    skipping the arithmetic makes them 5-10x faster. A forward that needs real values (data-dependent
+    ops fail on meta tensors) is rerun on real zeros when the model has real weights."""
+    meta_state = {n: torch.empty_like(t, device="meta") for n, t in (*model.named_parameters(), *model.named_buffers())}
     try:
-        meta_model = copy.deepcopy(model).to("meta")
         with torch.device("meta"):
-            return count(meta_model, torch.zeros(shape), *args)
+            return count(model, lambda x: functional_call(model, meta_state, (x,)), torch.zeros(shape), *args)
     except AttentionCoverageError:
         raise
     except (RuntimeError, NotImplementedError, TypeError):
-        return count(model, torch.zeros(shape), *args)
+        if _is_meta(model):
+            raise
+        return count(model, model, torch.zeros(shape), *args)
 
 
 def _check_attention_coverage(sdpa: Mapping[str | None, int], counted: Mapping[str, tuple[RegisteredCounter, int]]) -> None:
@@ -285,19 +323,6 @@ def _fvcore_counts(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
         analysis = FlopCountAnalysis(model, x).set_op_handle("aten::scaled_dot_product_attention", _fvcore_sdpa_handle)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         return dict(analysis.by_module())
-
-
-def _torch_counts(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    mode = FlopCounterMode(display=False, custom_mapping={cpu_sdpa: _torch_cpu_sdpa_flops})
-    with mode:
-        model(x)
-    root = type(model).__name__
-    counts = {"": float(mode.get_total_flops())}
-    for key, ops in mode.get_flop_counts().items():
-        if key.startswith(root + "."):
-            counts[key[len(root) + 1:]] = float(sum(ops.values()))
-    return counts
 
 
 def _inclusive(exclusive: Mapping[str, float]) -> dict[str, float]:
@@ -358,21 +383,23 @@ def measure(
     unknown = set(conventions) - set(CONVENTIONS)
     if unknown:
         raise ValueError(f"unknown conventions {sorted(unknown)}; choose from {', '.join(CONVENTIONS)}")
+    if "fvcore" in conventions and _is_meta(model):
+        raise ValueError("fvcore traces real tensors: build the model on a real device to count it with fvcore")
     model.eval()
     shape = (1, in_chans, *input_size)
     with torch.no_grad():
-        paper, attention_macs, attention_flops, uncounted = _count_on_shapes(_paper_counts, model, shape, rule)
-        inclusive = {"paper": _inclusive(paper)}
+        counted = _count_on_shapes(_shape_pass, model, shape, rule, "torch" in conventions)
+        inclusive = {"paper": _inclusive(counted.paper)}
         if "fvcore" in conventions:  # the jit tracer needs real tensors
             inclusive["fvcore"] = _fvcore_counts(model, torch.zeros(shape))
-        if "torch" in conventions:
-            inclusive["torch"] = _count_on_shapes(_torch_counts, model, shape)
+        if counted.torch is not None:
+            inclusive["torch"] = counted.torch
     return Ledger(
         params=sum(p.numel() for p in model.parameters()),
         gflops={conv: inclusive[conv].get("", 0.0) / 1e9 for conv in ALL_CONVENTIONS if conv in inclusive},
         breakdown=_breakdown(model, depth, inclusive),
-        attention_macs=int(attention_macs),
-        paper_attention_gflops=attention_flops / 1e9,
+        attention_macs=counted.attention_macs,
+        paper_attention_gflops=counted.paper_attention_flops / 1e9,
         rule=rule,
-        uncounted_modules=uncounted,
+        uncounted_modules=counted.uncounted,
     )

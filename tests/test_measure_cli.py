@@ -1,0 +1,78 @@
+"""``python -m reproduce measure`` (JSON contract, errors before any build) and ``bench`` (runs, prints a table)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import reproduce.measure
+from reproduce.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_measure_json_contract():
+    proc = subprocess.run([sys.executable, "-m", "reproduce", "measure", "hrvit_b1", "--json"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert isinstance(result["params"], int) and result["params"] == 19_685_152  # hrvit.md §4.2, official code
+    for convention in ("paper", "fvcore", "torch"):
+        assert isinstance(result[f"gflops_{convention}"], float) and result[f"gflops_{convention}"] > 0
+        assert convention in result["conventions"]
+    assert (result["model"], result["task"], result["num_classes"], result["size"]) == ("hrvit_b1", "cls", 1000, [224, 224])
+    assert result["ablate"] == [] and "window_sizes" not in result
+    assert result["flop_family"] == "hrvit"
+    assert {"torch", "timm", "fvcore"} <= set(result["versions"])
+    assert {"stem.0", "stages.0", "head.fc"} <= set(result["breakdown"])
+
+
+def test_measure_prints_a_table_without_json(capsys):
+    assert main(["measure", "hrvit_b1", "--task", "seg", "--size", "64", "64", "--depth", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "hrvit_b1 seg 19 classes 64x64" in out
+    assert "GFLOPs paper" in out and "GFLOPs fvcore" in out and "GFLOPs torch" in out
+    assert "backbone" in out and "decode_head" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["hrvit_b9"], "unknown model 'hrvit_b9'; available models:"),
+        (["hrvit_b1", "--ablate", "mixcfn", "nope"], "unknown ablation(s) ['nope']"),
+        (["hrvit_b1", "--window-sizes", "1", "2", "7"], "--window-sizes takes 4 positive ints"),
+        (["hrvit_b1", "--window-sizes", "1", "2", "0", "7"], "--window-sizes takes 4 positive ints"),
+        (["hrvit_b1", "--size", "0", "512"], "--size takes H W"),
+        (["hrvit_b1", "--size", "1", "2", "3"], "--size takes H W"),
+        (["hrvit_b1", "--num-classes", "0"], "--num-classes must be a positive integer"),
+        (["hrvit_b1", "--depth", "0"], "--depth must be >= 1"),
+        (["mit_b1", "--window-sizes", "1", "2", "9", "9"], "apply to HRViT models only"),
+        (["cswin_t", "--ablate", "des"], "apply to HRViT models only"),
+    ],
+)
+def test_measure_rejects_bad_requests_before_building(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(reproduce.measure, "_build", lambda *a, **k: pytest.fail("built a model for a bad request"))
+    assert main(["measure", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_measure_rejects_unknown_task():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["measure", "hrvit_b1", "--task", "det"])
+    assert exit_info.value.code == 2
+
+
+def test_bench_runs_and_prints_a_table(capsys):
+    assert main(["bench", "--runs", "1", "--warmup", "0", "--size", "64", "64", "--models", "hrvit_b1"]) == 0
+    out = capsys.readouterr().out
+    assert "64x64" in out and "latency ms" in out and "peak MiB" in out
+    row = next(line for line in out.splitlines() if line.startswith("hrvit_b1"))
+    assert row.split()[1] == "8.15"  # params (M) of b1 + SegFormer head, 19 classes (hrvit.md §4.2)
+
+
+def test_bench_rejects_amp_on_cpu(capsys):
+    assert main(["bench", "--amp", "fp16", "--models", "hrvit_b1"]) == 2
+    assert "--amp is CUDA autocast" in capsys.readouterr().err
