@@ -125,7 +125,7 @@ def get_rule(family: str | CountingRule) -> CountingRule:
 
 def module_flops(module: nn.Module, inputs: tuple, output: Any, rule: CountingRule) -> int | None:
     """mmcv-1.x FLOPs of one call of ``module`` under ``rule``; None for types the rule ignores."""
-    if isinstance(module, _CONV) and isinstance(output, torch.Tensor):
+    if isinstance(module, _CONV):
         macs = output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
         return macs + (output.numel() if module.bias is not None else 0)
     if isinstance(module, nn.Linear):
@@ -166,8 +166,8 @@ def _torch_cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=
 class Ledger:
     """Params and GFLOPs of one model at one input size. ``gflops`` maps convention -> total;
     ``breakdown`` maps module group -> {"params", convention: GFLOPs}; ``attention_macs`` is the sum
-    of the registered counters (both matmuls, unscaled); ``uncounted_modules`` lists leaf module
-    types with parameters that the paper rule counts as 0 (type -> number of calls)."""
+    of the registered counters (both matmuls, unscaled); ``uncounted_modules`` lists module
+    types with parameters of their own that the paper rule counts as 0 (type -> number of calls)."""
 
     params: int
     gflops: dict[str, float]
@@ -212,7 +212,7 @@ class _ShapePass:
     paper: dict[str, float]  # module name -> exclusive paper FLOPs
     attention_macs: int  # registered counters, both matmuls, unscaled
     paper_attention_flops: float  # the same after each counter family's factor
-    uncounted: dict[str, int]  # leaf types with parameters that the rule counts as 0 -> calls
+    uncounted: dict[str, int]  # types with own parameters that the rule counts as 0 -> calls
     torch: dict[str, float] | None  # module name -> inclusive torch FLOPs ("" = whole model)
 
 
