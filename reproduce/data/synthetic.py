@@ -1,8 +1,9 @@
 """Seeded generated stand-ins for ImageNet and Cityscapes, written to disk in the real layouts so
 that the real loaders (``reproduce.data.layouts``) read them.
 
-* classification: 10 shape classes (disc, square, ... checker) on noisy backgrounds with thin
-  clutter, as ``train/<class>/*.JPEG`` and ``val/<class>/*.JPEG``;
+* classification: 10 shape classes (disc, square, ... checker; the first ``count`` of them when
+  fewer images are asked for) on noisy backgrounds with thin clutter, as ``train/<class>/*.JPEG``
+  and ``val/<class>/*.JPEG``;
 * segmentation: street-like scenes (sky, buildings, road) with thin structures (1-2 px poles and
   wires) and small objects (3-7 px signs and lights; signs and lights share a colour, so only
   their shape tells them apart), as Cityscapes ``leftImg8bit``/``gtFine *_labelTrainIds.png``
@@ -134,11 +135,13 @@ def draw_segmentation_scene(size: int, rng: np.random.Generator) -> tuple[Image.
 
 
 def _write_classification(root: Path, seed: int, count: int, size: int) -> None:
+    """``count`` images per split, round-robin over the first min(count, 10) classes (no empty class folders)."""
+    num_classes = min(count, len(CLS_CLASSES))
     for split in _SPLITS:
-        for name_index, name in enumerate(CLS_CLASSES):
+        for name_index, name in enumerate(CLS_CLASSES[:num_classes]):
             (root / split / f"{name_index:02d}_{name}").mkdir(parents=True)
         for i in range(count):
-            label = i % len(CLS_CLASSES)
+            label = i % num_classes
             image = draw_classification_image(label, size, _rng(seed, split, i))
             image.save(root / split / f"{label:02d}_{CLS_CLASSES[label]}" / f"{split}_{i:06d}.JPEG", quality=95)
 

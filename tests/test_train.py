@@ -1,0 +1,188 @@
+"""Training engine: mIoU rules against a hand-computed case, sliding-window inference, up-front
+rejection of bad settings, the pretrain -> finetune -> evaluate chain on HRViT-b1, determinism and
+resuming after a kill."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from reproduce.cli import main
+from reproduce.train import engine
+from reproduce.train.evaluation import slide_logits
+from reproduce.train.seg_metrics import confusion_matrix, scores
+
+REPO = Path(__file__).resolve().parents[1]
+# Real HRViT-b1, kept to a few optimizer steps: 4 generated 32 px images, batch 2, 2 epochs = 4 steps
+# (checkpoint at step 2); fine-tuning on 4 generated 64x128 scenes, 64 px crops, batch 2, 2 iterations.
+TINY_PRETRAIN = ["--model", "hrvit_b1", "--profile", "smoke", "--synthetic-size", "4", "--batch-size", "2", "--epochs", "2",
+                 "--image-size", "32", "--checkpoint-every", "2"]
+TINY_FINETUNE = ["--model", "hrvit_b1", "--profile", "smoke", "--dataset", "synthetic", "--synthetic-size", "4", "--batch-size", "2", "--iters", "2"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """One uninterrupted tiny pretrain run, shared by the chain and the resume test."""
+    root = tmp_path_factory.mktemp("pretrain")
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    assert main(["pretrain", *TINY_PRETRAIN, "--data-root", str(root / "data"), "--output", str(root / "run")]) == 0
+    torch.use_deterministic_algorithms(deterministic)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_global_state():
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def _metrics(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def test_miou_matches_a_hand_computed_case_with_mmseg_absent_class_rule():
+    # ground truth / prediction over 6 pixels, 4 classes, one ignored pixel:
+    # class 0: gt {0,1}, pred {0,4}     -> I 1, U 3 -> 1/3
+    # class 1: gt {2,3}, pred {1,2,3}   -> I 2, U 3 -> 2/3
+    # class 2: gt {4},   pred {}        -> I 0, U 1 -> 0
+    # class 3: absent from both (its only prediction is on the ignored pixel) -> left out of the mean
+    target = torch.tensor([[0, 0, 1, 1, 2, 255]])
+    pred = torch.tensor([[0, 1, 1, 1, 0, 3]])
+    conf = confusion_matrix(pred, target, num_classes=4)
+    assert conf.sum() == 5 and conf[3].sum() == 0 and conf[:, 3].sum() == 0
+    result = scores(conf, ["a", "b", "c", "d"])
+    assert result["per_class_iou"] == {"a": pytest.approx(1 / 3), "b": pytest.approx(2 / 3), "c": 0.0, "d": None}
+    assert result["miou"] == pytest.approx(1 / 3)  # (1/3 + 2/3 + 0) / 3; smp's "absent = 1" would give 0.5
+    assert result["pixel_accuracy"] == pytest.approx(3 / 5)
+    assert result["classes_scored"] == 3
+
+
+def test_confusion_is_accumulated_over_images_not_averaged_per_image():
+    # image 1 is all class 0 and correct; image 2 has 1 of 3 class-1 pixels right
+    t1, p1 = torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)
+    t2, p2 = torch.tensor([[1, 1, 1, 0]]), torch.tensor([[1, 0, 0, 0]])
+    conf = confusion_matrix(p1, t1, 2) + confusion_matrix(p2, t2, 2)
+    result = scores(conf)
+    assert result["per_class_iou"]["0"] == pytest.approx(5 / 7) and result["per_class_iou"]["1"] == pytest.approx(1 / 3)
+    assert result["miou"] == pytest.approx((5 / 7 + 1 / 3) / 2)
+
+
+def test_labels_outside_the_classes_are_an_error():
+    with pytest.raises(ValueError, match="num_classes"):
+        confusion_matrix(torch.tensor([0]), torch.tensor([7]), num_classes=3)
+
+
+class _Pointwise(nn.Module):
+    """A per-pixel model: sliding windows must reproduce its whole-image prediction exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 1)
+
+    def predict(self, x):
+        return self.conv(x)
+
+
+def test_sliding_window_inference_covers_the_image_and_averages_overlaps():
+    torch.manual_seed(0)
+    model, image = _Pointwise(), torch.randn(1, 3, 64, 160)
+    with torch.no_grad():
+        whole = model.predict(image)
+        for crop, stride in ((64, 48), (32, 24), (96, 64)):  # 96 > height: padded windows
+            assert torch.allclose(slide_logits(model, image, 5, crop, stride), whole, atol=1e-6)
+
+
+# ------------------------------------------------------------------ settings
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["pretrain", "--model", "hrvit_b9"], "unknown model 'hrvit_b9'"),
+        (["pretrain", "--model", "hrvit_b1", "--lr", "-0.1"], "--lr must be positive"),
+        (["pretrain", "--model", "hrvit_b1", "--image-size", "70"], "multiple of 32"),
+        (["pretrain", "--model", "mit_b0", "--ablate", "des"], "apply only to HRViT"),
+        (["pretrain", "--model", "hrvit_b1", "--ablate", "bogus"], "unknown HRViT ablation"),
+        (["pretrain", "--model", "hrvit_b1", "--dataset", "imagenet"], "needs --data-root"),
+        (["finetune", "--model", "hrvit_b1", "--dataset", "cityscapes", "--profile", "paper", "--crop-size", "2048"], "larger than cityscapes"),
+        (["finetune", "--model", "hrvit_b1", "--window-sizes", "1", "2", "0", "7"], "positive"),
+    ],
+)
+def test_invalid_settings_are_rejected_before_any_data_is_touched(tmp_path, argv, message):
+    data = tmp_path / "data"
+    argv = argv + ["--output", str(tmp_path / "out")] + ([] if "--data-root" in argv or "imagenet" in argv else ["--data-root", str(data)])
+    if "cityscapes" in argv:
+        argv += ["--data-root", str(data)]  # does not exist: the crop check must fire first
+    with pytest.raises(engine.SettingsError, match=message):
+        main(argv)
+    assert not data.exists() and not (tmp_path / "out").exists()
+
+
+def test_batch_not_divisible_by_world_size_is_rejected(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun announces, read before any process group exists
+    with pytest.raises(engine.SettingsError, match="not divisible by world size 2"):
+        main(["pretrain", "--model", "hrvit_b1", "--batch-size", "7", "--data-root", str(tmp_path / "d"), "--output", str(tmp_path / "o")])
+    assert not (tmp_path / "d").exists()
+
+
+# ------------------------------------------------------------------ the real chain on HRViT-b1
+
+
+def test_pretrain_finetune_evaluate_chain(pretrained, tmp_path):
+    pre = _metrics(pretrained / "run")
+    for key in ("top1", "top5", "loss", "images_per_s", "wall_time_s", "git_commit"):
+        assert key in pre
+    assert pre["profile"] == "smoke" and pre["dataset"] == "synthetic" and pre["data_source"] == "generated"
+    assert pre["model"] == "hrvit_b1" and pre["model_settings"]["ablate"] == [] and pre["recipe"]["batch_size"] == 2
+    assert pre["steps"] == 4 and pre["recipe"]["mixup"] == 0.8 and pre["recipe"]["auto_augment"] == "rand-m9-mstd0.5-inc1"
+    checkpoint = pretrained / "run" / "checkpoint.pt"
+    state = engine.load_checkpoint(checkpoint)
+    assert state["finished"] and state["step"] == 4 and state["task"] == "cls" and state["model"] == "hrvit_b1"
+
+    data = tmp_path / "data"
+    assert main(["finetune", *TINY_FINETUNE, "--window-sizes", "1", "2", "7", "7", "--pretrained", str(checkpoint),
+                 "--data-root", str(data), "--output", str(tmp_path / "ft")]) == 0
+    ft = _metrics(tmp_path / "ft")
+    assert ft["init"] == "pretrained"
+    assert ft["pretrained"]["loaded"] > 1000 and ft["pretrained"]["missing"] == [] and ft["pretrained"]["shape_mismatch"] == []
+    assert ft["pretrained"]["dropped"] and all(k.startswith("head.") for k in ft["pretrained"]["dropped"])  # only the classifier
+    assert 0.0 <= ft["miou"] <= 1.0 and len(ft["per_class_iou"]) == 7 and "pixel_accuracy" in ft
+    assert ft["model_settings"]["window_sizes"] == [1, 2, 7, 7] and ft["recipe"]["drop_path"] == 0.15  # b1 Cityscapes-style
+    assert ft["recipe"]["lr"] == 6e-5 and ft["recipe"]["head_lr_mult"] == 10 and ft["profile"] == "smoke"
+
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "ft" / "checkpoint.pt"), "--data-root", str(data), "--output", str(tmp_path / "ev")]) == 0
+    ev = _metrics(tmp_path / "ev")
+    assert ev["miou"] == ft["miou"] and ev["per_class_iou"] == ft["per_class_iou"] and ev["profile"] == "smoke"
+
+    with pytest.raises(ValueError, match="trained with --ablate"):  # a checkpoint of another variant is refused
+        main(["finetune", *TINY_FINETUNE, "--ablate", "des", "--pretrained", str(checkpoint), "--data-root", str(data), "--output", str(tmp_path / "ft2")])
+
+
+def test_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_run(pretrained, tmp_path):
+    argv = ["pretrain", *TINY_PRETRAIN, "--data-root", str(pretrained / "data")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    killed = subprocess.run([sys.executable, "-m", "reproduce", *argv, "--output", str(tmp_path / "resumed"), "--kill-after-steps", "3"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    assert engine.load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 2  # step 3 was lost with the process
+
+    assert main([*argv, "--output", str(tmp_path / "resumed")]) == 0
+    straight, resumed = _metrics(pretrained / "run"), _metrics(tmp_path / "resumed")
+    assert resumed["resumed_from_step"] == 2 and straight["resumed_from_step"] is None
+    for key in ("top1", "top5", "loss", "param_digests"):  # a separate process, killed and resumed: bit-identical
+        assert resumed[key] == straight[key], key
+
+    with pytest.raises(engine.SettingsError, match="different settings"):  # a changed recipe does not resume silently
+        main([*argv, "--lr", "0.002", "--output", str(tmp_path / "resumed")])
