@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from timm.utils import distribute_bn
 from torch import nn
 
 
@@ -57,12 +58,21 @@ def teardown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
+def average_bn_stats(ctx: DistContext, model: nn.Module) -> None:
+    """Average BatchNorm running statistics over ranks (timm's ``distribute_bn``, reduce mode).
+
+    DDP keeps parameters in step but each rank's last forward updates its own BN buffers; after
+    this every rank holds the same buffers, so distributed evaluation and the checkpoint agree."""
+    if ctx.distributed:
+        distribute_bn(model, ctx.world_size, reduce=True)
+
+
 def parameter_digest(model: nn.Module) -> str:
-    """SHA-256 of every parameter's bytes, in order: equal digests mean bit-identical weights."""
+    """SHA-256 of every parameter's and buffer's bytes, in order: equal digests mean bit-identical models."""
     h = hashlib.sha256()
-    for name, p in model.named_parameters():
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -27,13 +27,12 @@ def shard_loader(dataset: Dataset, ctx: DistContext, batch_size: int, num_worker
 def evaluate_classification(model: nn.Module, dataset: Dataset, ctx: DistContext, batch_size: int, num_workers: int, amp: bool) -> dict[str, float]:
     """Top-1/top-5 accuracy (%) and mean cross-entropy over the whole split."""
     model.eval()
-    num_classes = None
+    net = getattr(model, "module", model)  # no DDP forward: shards may differ in batch count
     sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, images
     for images, targets in shard_loader(dataset, ctx, batch_size, num_workers):
         images, targets = images.to(ctx.device), targets.to(ctx.device)
         with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=amp):
-            logits = model(images)
-        logits = logits.float()
+            logits = net(images).float()
         num_classes = logits.shape[1]
         top1, top5 = accuracy(logits, targets, topk=(1, min(5, num_classes)))
         n = images.shape[0]
@@ -77,7 +76,7 @@ def evaluate_segmentation(
     size before the argmax, as mmseg does."""
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=ctx.device)
-    net = getattr(model, "module", model)
+    net = getattr(model, "module", model)  # no DDP forward: shards may differ in batch count
     for image, label in shard_loader(dataset, ctx, 1, num_workers):
         image, label = image.to(ctx.device), label.to(ctx.device)
         with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=amp):

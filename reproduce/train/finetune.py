@@ -253,6 +253,7 @@ def _train(args, recipe, settings, micro, ctx, start) -> int:
         trainer.load_state(state)
         start_step = state["step"]
     throughput = trainer.fit(train_set, sched, start_step, recipe["num_workers"], save, recipe["checkpoint_every"], args.kill_after_steps)
+    distributed.average_bn_stats(ctx, engine.unwrap(model))
     digests = distributed.gather_digests(ctx, engine.unwrap(model))
     result = evaluate_segmentation(model, val_set, ctx, info.num_classes, info.class_names, recipe["test_mode"], recipe["test_crop"], recipe["test_stride"], recipe["num_workers"], amp)
     log.line(f"val mIoU {100 * result['miou']:.2f} pixel acc {100 * result['pixel_accuracy']:.2f} ({result['classes_scored']} classes scored)")

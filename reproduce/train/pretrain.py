@@ -174,6 +174,7 @@ def _train(args, recipe, settings, micro, ctx, start) -> int:
         trainer.load_state(state)
         start_step = state["step"]
     throughput = trainer.fit(train_set, sched, start_step, recipe["num_workers"], save, recipe["checkpoint_every"], args.kill_after_steps)
+    distributed.average_bn_stats(ctx, engine.unwrap(model))
     digests = distributed.gather_digests(ctx, engine.unwrap(model))
     result = evaluate_classification(model, val_set, ctx, max(1, recipe["eval_batch_size"] // ctx.world_size), recipe["num_workers"], amp)
     log.line(f"val top-1 {result['top1']:.2f} top-5 {result['top5']:.2f} loss {result['loss']:.4f}")
