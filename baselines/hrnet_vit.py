@@ -18,7 +18,23 @@ switch and these defaults ("fitted to Table 6 params within 3 %"):
 
 FLOP family: 'hrvit' (mmcv-1.3 hooks, LayerNorm counted, SyncBN not), with each attention module's
 matmuls scaled by its own counter family: smp's MiT attention as SegFormer counts it (both matmuls),
-CSWin's as HRViT counts it (one). That mix is what lands on Table 6 (spec §3.4).
+CSWin's as HRViT counts it (one). That mix is what lands on Table 6 (spec §3.4). Measured with the
+defaults (SegFormer head, 19 classes, 512x512, ``reproduce.flops`` paper convention), ours / paper:
+
+=============  ===================  =====================
+model          params (M)           GFLOPs
+=============  ===================  =====================
+HRNet18-MiT    8.51 / 8.4 (+1.3 %)  28.06 / 29.3 (-4.2 %)
+HRNet18-CSWin  8.34 / 8.1 (+2.9 %)  22.32 / 22.3 (+0.1 %)
+HRNet32-MiT    24.91 / 24.4 (+2.1 %)  53.13 / 52.4 (+1.4 %)
+HRNet32-CSWin  24.61 / 23.9 (+3.0 %)  44.14 / 42.2 (+4.6 %)
+HRNet40-MiT    40.73 / 40.1 (+1.6 %)  106.88 / 108.0 (-1.0 %)
+HRNet40-CSWin  40.34 / 39.5 (+2.1 %)  96.50 / 96.3 (+0.2 %)
+=============  ===================  =====================
+
+The fit is not a documented design: counting MiT attention with one matmul instead would give
+about 23.9 / 45.6 / 97.5 G, and no tried topology (1-4 blocks, module counts, mlp ratio, stage-1
+depth) fits both families' parameters better (spec §3.4).
 
 timm's fuse layers upsample by a fixed factor, so HRNet only runs on sizes divisible by 32; these
 models zero-pad the input (bottom/right) up to that and crop the features back to ceil(size/stride).
