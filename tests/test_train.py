@@ -31,17 +31,24 @@ TINY_FINETUNE = ["--model", "hrvit_b1", "--profile", "smoke", "--dataset", "synt
 def pretrained(tmp_path_factory) -> Path:
     """One uninterrupted tiny pretrain run, shared by the chain and the resume test."""
     root = tmp_path_factory.mktemp("pretrain")
-    deterministic = torch.are_deterministic_algorithms_enabled()
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.set_num_threads(1)
     assert main(["pretrain", *TINY_PRETRAIN, "--data-root", str(root / "data"), "--output", str(root / "run")]) == 0
     torch.use_deterministic_algorithms(deterministic)
+    torch.set_num_threads(threads)
     return root
 
 
 @pytest.fixture(autouse=True)
 def _restore_torch_global_state():
-    deterministic = torch.are_deterministic_algorithms_enabled()
+    """One intra-op thread (what the subprocess below gets from OMP_NUM_THREADS=1: at these tiny sizes
+    it is faster on a shared 2-core machine, and bit-equality between the processes needs the same
+    thread count); the run's global determinism flag is undone afterwards."""
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.use_deterministic_algorithms(deterministic)
+    torch.set_num_threads(threads)
 
 
 def _metrics(folder: Path) -> dict:
@@ -171,7 +178,7 @@ def test_pretrain_finetune_evaluate_chain(pretrained, tmp_path):
 
 def test_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_run(pretrained, tmp_path):
     argv = ["pretrain", *TINY_PRETRAIN, "--data-root", str(pretrained / "data")]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     killed = subprocess.run([sys.executable, "-m", "reproduce", *argv, "--output", str(tmp_path / "resumed"), "--kill-after-steps", "3"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr

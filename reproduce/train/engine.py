@@ -72,6 +72,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_dataset: str |
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (used on CUDA only)")
     parser.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None, help="SyncBatchNorm across GPUs (torch's SyncBN is GPU-only)")
     parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None, help="deterministic kernels (default on for smoke)")
+    parser.add_argument("--threads", type=int, help="intra-op CPU threads per process (smoke: 1, faster for tiny models on shared cores; paper: torch's default)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--no-resume", action="store_true", help="start from scratch even if OUTPUT/checkpoint.pt exists")
     parser.add_argument("--kill-after-steps", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGKILL self after K steps
@@ -121,7 +122,7 @@ def validate_common(model: str, recipe: dict[str, Any]) -> int:
     for key in ("lr", "batch_size", "accum_steps"):
         if not recipe[key] > 0:
             raise SettingsError(f"--{key.replace('_', '-')} must be positive, got {recipe[key]}")
-    for key in ("weight_decay", "drop_path", "checkpoint_every", "num_workers", "synthetic_size"):
+    for key in ("weight_decay", "drop_path", "checkpoint_every", "num_workers", "synthetic_size", "threads"):
         if recipe.get(key) is not None and recipe[key] < 0:
             raise SettingsError(f"--{key.replace('_', '-')} must be >= 0, got {recipe[key]}")
     if not 0 <= recipe["drop_path"] < 1:
@@ -147,6 +148,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def configure_threads(threads: int | None) -> None:
+    """Pin the intra-op thread count. At smoke sizes HRViT is op-overhead bound, and two threads per
+    process spin against each other on a shared 2-core machine (measured 3x slower)."""
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def configure_determinism(deterministic: bool) -> None:

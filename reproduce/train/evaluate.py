@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             recipe[key] = getattr(args, key)
     ctx = distributed.setup(args.device)
+    engine.configure_threads(recipe.get("threads"))
     try:
         log = engine.Logger(ctx, "evaluate")
         amp = engine.use_amp(recipe, ctx)

@@ -40,12 +40,12 @@ PAPER = {
     "ratio_range": [0.5, 2.0], "cat_max_ratio": 0.75, "flip_prob": 0.5, "photometric": True,
     "test_mode": None, "test_crop": None, "test_stride": None,
     "amp": True, "sync_bn": True, "deterministic": False, "seed": 0, "num_workers": 4,
-    "checkpoint_every": 4000, "log_every": 50, "synthetic_size": 200,
+    "checkpoint_every": 4000, "log_every": 50, "synthetic_size": 200, "threads": None,
 }
 # Same recipe, scaled down to seconds on a CPU: 64 px crops of 64x128 generated scenes, 4 iterations.
 SMOKE = {
     **PAPER, "crop_size": 64, "iters": 4, "warmup_iters": 1, "batch_size": 4, "deterministic": True,
-    "num_workers": 0, "checkpoint_every": 0, "log_every": 1, "synthetic_size": 8,
+    "num_workers": 0, "checkpoint_every": 0, "log_every": 1, "synthetic_size": 8, "threads": 1,
 }
 PROFILES = {"paper": PAPER, "smoke": SMOKE}
 
@@ -199,6 +199,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult:
 def _train(args, recipe, settings, micro, ctx, start) -> int:
     log = engine.Logger(ctx, "finetune")
     engine.configure_determinism(recipe["deterministic"])
+    engine.configure_threads(recipe["threads"])
     info = SEG_DATASETS[args.dataset]
     root = data_root(args, recipe, ctx)
     train_set, val_set = build_dataset(args.dataset, root, "train", recipe, True), build_dataset(args.dataset, root, "val", recipe, False)

@@ -36,13 +36,13 @@ PAPER = {
     "auto_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "color_jitter": 0.4, "train_interpolation": "random",
     "eval_crop_pct": 0.9, "eval_interpolation": "bicubic", "eval_batch_size": 128,
     "amp": True, "sync_bn": True, "deterministic": False, "seed": 42, "num_workers": 8,
-    "checkpoint_every": 1000, "log_every": 100, "synthetic_size": 1000,
+    "checkpoint_every": 1000, "log_every": 100, "synthetic_size": 1000, "threads": None,
 }
 # Same recipe, scaled down to seconds on a CPU: 64 px, 32 generated images, 2 short epochs.
 SMOKE = {
     **PAPER, "image_size": 64, "epochs": 2, "cooldown_epochs": 0, "warmup_epochs": 1, "batch_size": 8,
     "eval_batch_size": 16, "deterministic": True, "seed": 0, "num_workers": 0, "checkpoint_every": 0,
-    "log_every": 1, "synthetic_size": 16,
+    "log_every": 1, "synthetic_size": 16, "threads": 1,
 }
 PROFILES = {"paper": PAPER, "smoke": SMOKE}
 
@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
 def _train(args, recipe, settings, micro, ctx, start) -> int:
     log = engine.Logger(ctx, "pretrain")
     engine.configure_determinism(recipe["deterministic"])
+    engine.configure_threads(recipe["threads"])
     root = data_root(args, recipe, ctx)
     classes, samples = index_data(root)
     train_set, val_set = make_dataset(samples["train"], recipe, True), make_dataset(samples["val"], recipe, False)
