@@ -83,7 +83,7 @@ def test_measure_stages_track_exactly_the_params_they_read():
 
 
 def test_profile_launcher_and_analytics():
-    assert PARAMS["profile"] == "smoke" and PARAMS["launcher"] == "python"
+    assert PARAMS["profile"] == "smoke" and PARAMS["launcher"].endswith("python")
     assert set(PARAMS["recipes"]) == {"smoke", "paper"}
     assert all(PARAMS["recipes"]["paper"]["data"][d]["root"] for d in ("imagenet", "cityscapes", "ade20k"))
     assert STAGES["pretrain"]["do"]["cmd"].startswith("${launcher} -m reproduce.pipeline pretrain")
