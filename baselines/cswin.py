@@ -198,7 +198,7 @@ class CSWin(nn.Module):
         if global_pool not in ("avg", ""):
             raise ValueError(f"CSWin supports global_pool 'avg' or '' (no pooling), got {global_pool!r}")
         dims = [cfg.embed_dim * 2 ** i for i in range(4)]
-        rates = torch.linspace(0, drop_path_rate, sum(cfg.depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(cfg.depths), device="cpu").tolist()
         stages, first = [], 0
         for i, depth in enumerate(cfg.depths):
             embed = (_ConvEmbed(in_chans, dims[0], 7, 4, 2) if i == 0 else _ConvEmbed(dims[i - 1], dims[i], 3, 2, 1))

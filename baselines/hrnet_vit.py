@@ -191,7 +191,7 @@ def _add_patch_embeds(model: hrnet.HighResolutionNet) -> None:
 def _schedule_drop_path(model: nn.Module, rate: float) -> None:
     """Stochastic depth rising linearly from 0 to ``rate`` over the transformer blocks in build order."""
     drops = [m for m in model.modules() if isinstance(m, DropPath)]
-    for drop, p in zip(drops, torch.linspace(0, rate, len(drops)).tolist()):
+    for drop, p in zip(drops, torch.linspace(0, rate, len(drops), device="cpu").tolist()):
         drop.drop_prob = p
 
 
