@@ -217,7 +217,7 @@ def _create_hrnet_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> 
     if settings.patch_embed == "conv3":
         _add_patch_embeds(model)
     _schedule_drop_path(model, settings.drop_path_rate)
-    model.hrnet_vit_settings = settings
+    model.reading = settings  # the fitted construction choices; `reproduce measure` prints them
     return model
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from typing import Any, Iterable, Sequence
 
@@ -103,6 +103,13 @@ def _build(request: Request, on_meta: bool):
     return build_model(*args, **request.model_kwargs())
 
 
+def _reading(model: Any) -> dict[str, Any] | None:
+    """The construction choices of a model built from a fitted reading (HRNet-ViT exposes
+    ``reading``), so that a measured cell always says which reading produced it."""
+    holder = next((m for m in model.modules() if hasattr(m, "reading")), None)
+    return None if holder is None else asdict(holder.reading)
+
+
 def measure_request(request: Request, conventions: Iterable[str] | None = None, depth: int = 2) -> dict[str, Any]:
     """Build the requested model and return its ledger as a JSON-ready dict."""
     import timm
@@ -125,6 +132,9 @@ def measure_request(request: Request, conventions: Iterable[str] | None = None, 
     }
     if request.window_sizes is not None:
         result["window_sizes"] = list(request.window_sizes)
+    reading = _reading(model)
+    if reading is not None:
+        result["reading"] = reading
     result.update(ledger.to_dict())
     result["conventions"] = {name: CONVENTIONS[name] for name in ledger.gflops}
     result["paper_rule_why"] = ledger.rule.why
@@ -168,6 +178,8 @@ def _print_tables(result: dict[str, Any]) -> None:
     if result["ablate"]:
         title += f" ablate {' '.join(result['ablate'])}"
     print(f"{title} (paper rule: {result['flop_family']})")
+    if "reading" in result:
+        print("reading: " + ", ".join(f"{key}={value}" for key, value in result["reading"].items()))
     print(tabulate([[f"{result['params']:,}", *(f"{result['gflops'][c]:.3f}" for c in conventions)]],
                    headers=["params", *(f"GFLOPs {c}" for c in conventions)], disable_numparse=True))
     print()

@@ -76,3 +76,10 @@ def test_bench_runs_and_prints_a_table(capsys):
 def test_bench_rejects_amp_on_cpu(capsys):
     assert main(["bench", "--amp", "fp16", "--models", "hrvit_b1"]) == 2
     assert "--amp is CUDA autocast" in capsys.readouterr().err
+
+
+def test_measure_reports_the_fitted_reading_of_hrnet_vit():
+    """Table 6 baselines are a fitted reading of the paper: every measurement says which one."""
+    fitted = reproduce.measure.measure_named("hrnet18_mit", "seg", size=(64, 64), conventions=["paper"])
+    assert fitted["reading"]["block"] == "mit" and fitted["reading"]["mit_sr"] == "pool"
+    assert "reading" not in reproduce.measure.measure_named("hrvit_b1", "seg", size=(64, 64), conventions=["paper"])
