@@ -176,6 +176,9 @@ def test_ours_verdict_on_paper_profile_efficiency():
     assert ledger.ours_verdict(q, 8.7, []) == "holds"
     assert ledger.ours_verdict(q, 7.6, []).startswith("same direction")
     assert ledger.ours_verdict(q, -1.0, []) == "does not hold"
+    precise = ledger.Quantity("FLOPs saving", "saving", (), 30.7, 1)  # C5: our exact cells give 30.24
+    assert ledger.ours_verdict(precise, 30.65, []) == "holds"
+    assert ledger.ours_verdict(precise, 30.24, []).startswith("same direction, off by -0.46")
 
 
 # ----------------------------------------------------------------------------------------- figure
