@@ -51,7 +51,7 @@ def ours_label(records: Sequence[Record]) -> str:
 
 def plot(records: Sequence[Record], out_stem: Path) -> list[Path]:
     """Write ``out_stem``.png and .pdf."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), constrained_layout=True)
     label_ours = ours_label(records)
     for ax, (column, xlabel) in zip(axes, AXES):
         for which, style, marker in (("paper", "-", "o"), ("ours", "--", "s")):
@@ -67,7 +67,7 @@ def plot(records: Sequence[Record], out_stem: Path) -> list[Path]:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("ADE20K mIoU (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=4, fontsize=7)
     fig.suptitle("Figure 5: ADE20K mIoU vs efficiency (SegFormer head, 150 classes); lines: per-family Pareto fronts",
                  fontsize=9)
     paths = [out_stem.with_suffix(".png"), out_stem.with_suffix(".pdf")]
