@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from models.factory import check_model_name
 from reproduce.data.datasets import SeededSamples, sample_seed
-from reproduce.train.distributed import DistContext, env_world_size, gather_digests
+from reproduce.train.distributed import DistContext, average_bn_stats, env_world_size, gather_digests
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
@@ -415,3 +415,51 @@ def resume_state(output: Path, fingerprint: str, no_resume: bool, log: Logger) -
         )
     log.line(f"resuming from {path} at step {state['step']}")
     return state
+
+
+def train_evaluate_record(
+    args: argparse.Namespace, ctx: DistContext, log: Logger, trainer: Trainer, train_set: Dataset, sched: Schedule,
+    recipe: dict[str, Any], identity: dict[str, Any], checkpoint_extras: dict[str, Any],
+    evaluate: Callable[[], dict[str, Any]], summary: Callable[[dict[str, Any]], str],
+    effective: dict[str, Any], metrics_extras: dict[str, Any], start: float,
+) -> int:
+    """The sequence every training command shares: resume from ``args.output`` when a checkpoint of the
+    same run (``identity``) is there, train to the end with periodic atomic checkpoints, synchronise BN
+    statistics over ranks, evaluate, then write the final checkpoint and ``metrics.json`` on rank 0."""
+    fingerprint = run_fingerprint(identity)
+    ckpt_path = args.output / CHECKPOINT_NAME
+
+    def checkpoint(step: int, finished: bool = False) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT, **identity, "profile": args.profile, **checkpoint_extras, "fingerprint": fingerprint,
+            "step": step, "total_steps": sched.total_steps, "finished": finished, **trainer.state(),
+        }
+
+    def save(step: int) -> None:
+        if ctx.is_main:
+            save_checkpoint(ckpt_path, checkpoint(step))
+            log.line(f"checkpoint at step {step} -> {ckpt_path}")
+
+    state = resume_state(args.output, fingerprint, args.no_resume, log)
+    start_step = 0
+    if state is not None:
+        trainer.load_state(state)
+        start_step = state["step"]
+    throughput = trainer.fit(train_set, sched, start_step, recipe["num_workers"], save, recipe["checkpoint_every"], args.kill_after_steps)
+    average_bn_stats(ctx, unwrap(trainer.model))
+    digests = gather_digests(ctx, unwrap(trainer.model))
+    result = evaluate()
+    log.line(summary(result))
+    if ctx.is_main:
+        save_checkpoint(ckpt_path, checkpoint(sched.total_steps, finished=True))
+        metrics = {
+            **result, **throughput, "wall_time_s": time.time() - start, "profile": args.profile, "dataset": args.dataset,
+            "data_source": identity["data_source"], "model": args.model, "model_settings": identity["model_settings"],
+            "recipe": recipe, "effective": effective, "steps": sched.total_steps, **metrics_extras,
+            "resumed_from_step": start_step or None,
+            "ranks_identical": len(set(digests)) == 1 if ctx.distributed else None, "param_digests": digests,
+            "checkpoint": str(ckpt_path), "git_commit": git_commit(),
+        }
+        write_metrics(args.output / METRICS_NAME, metrics)
+        log.line(f"wrote {args.output / METRICS_NAME}")
+    return 0

@@ -233,42 +233,14 @@ def _train(args, recipe, settings, micro, ctx, start) -> int:
         "task": "seg", "model": args.model, "model_settings": settings, "recipe": recipe, "dataset": args.dataset,
         "data_source": data_source, "world_size": ctx.world_size, "pretrained": str(args.pretrained) if args.pretrained else None,
     }
-    fingerprint = engine.run_fingerprint(identity)
-    ckpt_path = args.output / engine.CHECKPOINT_NAME
-
-    def checkpoint(step: int, finished: bool = False) -> dict[str, Any]:
-        return {
-            "format": engine.CHECKPOINT_FORMAT, **identity, "profile": args.profile, "num_classes": info.num_classes,
-            "class_names": list(info.class_names), "fingerprint": fingerprint, "step": step, "total_steps": sched.total_steps,
-            "finished": finished, **trainer.state(),
-        }
-
-    def save(step: int) -> None:
-        if ctx.is_main:
-            engine.save_checkpoint(ckpt_path, checkpoint(step))
-            log.line(f"checkpoint at step {step} -> {ckpt_path}")
-
-    state = engine.resume_state(args.output, fingerprint, args.no_resume, log)
-    start_step = 0
-    if state is not None:
-        trainer.load_state(state)
-        start_step = state["step"]
-    throughput = trainer.fit(train_set, sched, start_step, recipe["num_workers"], save, recipe["checkpoint_every"], args.kill_after_steps)
-    distributed.average_bn_stats(ctx, engine.unwrap(model))
-    digests = distributed.gather_digests(ctx, engine.unwrap(model))
-    result = evaluate_segmentation(model, val_set, ctx, info.num_classes, info.class_names, recipe["test_mode"], recipe["test_crop"], recipe["test_stride"], recipe["num_workers"], amp)
-    log.line(f"val mIoU {100 * result['miou']:.2f} pixel acc {100 * result['pixel_accuracy']:.2f} ({result['classes_scored']} classes scored)")
-    if ctx.is_main:
-        engine.save_checkpoint(ckpt_path, checkpoint(sched.total_steps, finished=True))
-        metrics = {
-            **result, **throughput, "wall_time_s": time.time() - start, "profile": args.profile, "dataset": args.dataset,
-            "data_source": data_source, "model": args.model, "model_settings": settings, "recipe": recipe,
-            "effective": {"amp": amp, "sync_bn": sync_bn, "device": str(ctx.device), "micro_batch": micro, "world_size": ctx.world_size},
-            "num_classes": info.num_classes, "steps": sched.total_steps, "resumed_from_step": start_step or None,
-            "init": "pretrained" if pretrained else "random", "pretrained": pretrained,
-            "ranks_identical": len(set(digests)) == 1 if ctx.distributed else None, "param_digests": digests,
-            "checkpoint": str(ckpt_path), "git_commit": engine.git_commit(),
-        }
-        engine.write_metrics(args.output / engine.METRICS_NAME, metrics)
-        log.line(f"wrote {args.output / engine.METRICS_NAME}")
-    return 0
+    return engine.train_evaluate_record(
+        args, ctx, log, trainer, train_set, sched, recipe, identity,
+        checkpoint_extras={"num_classes": info.num_classes, "class_names": list(info.class_names)},
+        evaluate=lambda: evaluate_segmentation(
+            model, val_set, ctx, info.num_classes, info.class_names, recipe["test_mode"], recipe["test_crop"], recipe["test_stride"], recipe["num_workers"], amp,
+        ),
+        summary=lambda result: f"val mIoU {100 * result['miou']:.2f} pixel acc {100 * result['pixel_accuracy']:.2f} ({result['classes_scored']} classes scored)",
+        effective={"amp": amp, "sync_bn": sync_bn, "device": str(ctx.device), "micro_batch": micro, "world_size": ctx.world_size},
+        metrics_extras={"num_classes": info.num_classes, "init": "pretrained" if pretrained else "random", "pretrained": pretrained},
+        start=start,
+    )
