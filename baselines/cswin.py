@@ -27,7 +27,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from models.factory import register_segmentation_backbone
+from models.factory import refuse_pretrained, register_segmentation_backbone
 from models.flop_registry import AttentionMacs, register_attention_counter
 
 __all__ = ["CSWin", "CSWinBlock", "LePEAttention"]
@@ -318,8 +318,7 @@ default_cfgs = generate_default_cfgs({name: _cfg() for name in _CONFIGS})
 
 
 def _create_cswin(variant: str, pretrained: bool = False, **kwargs: Any) -> CSWin:
-    if pretrained:
-        raise ValueError(f"{variant}: no pretrained weights are available offline; use pretrained=False")
+    refuse_pretrained(variant, pretrained)
     return build_model_with_cfg(
         CSWin, variant, pretrained,
         model_cfg=_CONFIGS[variant],

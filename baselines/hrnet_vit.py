@@ -56,7 +56,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, hrnet, regi
 from torch import nn
 
 from baselines.cswin import CSWinBlock
-from models.factory import register_segmentation_backbone
+from models.factory import refuse_pretrained, register_segmentation_backbone
 
 __all__ = ["HRNetViT", "HRNetViTFeatures", "HRNetViTSettings", "CSWinBranchBlock", "ConvPatchEmbed"]
 
@@ -199,8 +199,7 @@ _SWITCHES = {f.name for f in fields(HRNetViTSettings)} - {"block"}
 
 
 def _create_hrnet_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> HRNetViT:
-    if pretrained:
-        raise ValueError(f"{variant}: no pretrained weights are available offline; use pretrained=False")
+    refuse_pretrained(variant, pretrained)
     width, block_name = _VARIANTS[variant]
     settings = replace(HRNetViTSettings(block=block_name), **{k: kwargs.pop(k) for k in _SWITCHES & set(kwargs)})
     block = functools.partial(_transformer_block, width=width, settings=settings)

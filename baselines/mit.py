@@ -18,7 +18,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from models.factory import register_segmentation_backbone
+from models.factory import refuse_pretrained, register_segmentation_backbone
 from models.flop_registry import AttentionMacs, register_attention_counter
 
 __all__ = ["MiT"]
@@ -133,8 +133,7 @@ default_cfgs = generate_default_cfgs({name: _cfg() for name in _SEG_EMBED_DIM})
 
 
 def _create_mit(variant: str, pretrained: bool = False, **kwargs: Any) -> MiT:
-    if pretrained:
-        raise ValueError(f"{variant}: no pretrained weights are available offline; use pretrained=False")
+    refuse_pretrained(variant, pretrained)
     arch = {k: v for k, v in smp_mit.mix_transformer_encoders[variant]["params"].items() if k != "out_channels"}
     arch.update(kwargs)
     return build_model_with_cfg(

@@ -28,6 +28,16 @@ def register_segmentation_backbone(name: str, embed_dim: int, flop_family: str) 
     _FLOP_FAMILY[name] = flop_family
 
 
+def refuse_pretrained(variant: str, pretrained: bool) -> None:
+    """No checkpoint of any model in the suite can be downloaded (the official HRViT repo publishes
+    none, and this suite runs offline): fail clearly instead of silently returning random weights."""
+    if pretrained:
+        raise ValueError(
+            f"{variant}: no pretrained weights are available (none are published or reachable offline); "
+            "use pretrained=False and load a checkpoint of your own with `finetune --pretrained PATH`"
+        )
+
+
 def _load_families() -> None:
     for module in _FAMILY_MODULES:
         try:

@@ -30,7 +30,7 @@ from timm.models.resnet import Bottleneck
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.factory import register_segmentation_backbone
+from models.factory import refuse_pretrained, register_segmentation_backbone
 from models.flop_registry import AttentionMacs, register_attention_counter
 
 __all__ = ["HRViT", "HRViTCfg", "HRViTAttn", "ABLATIONS", "ablation_kwargs", "stripe_attention_macs"]
@@ -614,10 +614,7 @@ default_cfgs = generate_default_cfgs({name: _cfg() for name in MODEL_CFGS})
 
 
 def _create_hrvit(variant: str, pretrained: bool = False, **kwargs: Any) -> HRViT:
-    if pretrained:
-        raise ValueError(
-            f"no pretrained weights exist for {variant} (the official repo publishes none); use pretrained=False"
-        )
+    refuse_pretrained(variant, pretrained)
     return build_model_with_cfg(
         HRViT,
         variant,
