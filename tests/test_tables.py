@@ -5,6 +5,7 @@ logic: tolerance flags, smoke labelling, provenance, LaTeX rules, and the claims
 """
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -134,10 +135,31 @@ def test_table_rows_follow_the_paper_and_measure_the_papers_setting():
 # ----------------------------------------------------------------------------------------- claims
 
 
-def test_ledger_lists_every_claim_of_the_paper():
+def test_claims_csv_covers_every_claim_of_the_paper():
     ids = ledger.claim_ids(PAPER_DIR / "claims.md")
     assert ids == [f"C{i}" for i in range(1, 20)]
+    assert [c.id for c in ledger.load_claims(PAPER_DIR / "claims_quantities.csv")] == ids
     assert [c.id for c in ledger.CLAIMS] == ids
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("row", "HRViT-b9", "fig5_ade20k has no row 'HRViT-b9'"),
+    ("op", "ratio", "op 'ratio' is not one of"),
+    ("pair_set", "CS_PAIRS", "not both"),
+    ("stated", "n/a", "stated 'n/a' is not a number"),
+])
+def test_malformed_claims_csv_names_file_and_line(tmp_path, field, value, message):
+    lines = (PAPER_DIR / "claims_quantities.csv").read_text().splitlines()
+    rows = list(csv.DictReader(lines[:3]))  # header + C1's first two quantities
+    rows[1][field] = value
+    path = tmp_path / "claims_quantities.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=ledger.CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(ValueError, match="line 3") as err:
+        ledger.load_claims(path)
+    assert str(path) in str(err.value) and message in str(err.value)
 
 
 def _paper_check(records, cid, quantity):

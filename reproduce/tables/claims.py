@@ -9,10 +9,16 @@
 mIoU/top-1 difference in points and of the relative saving 1 - HRViT/baseline in percent; the pairs are
 listed in ``AVERAGING`` and printed in the ledger. No pairing of Table 4 rows reproduces all three of
 Table 4's printed averages, so those rows are reported as the paper states them, not fitted.
+
+The claims themselves (the stated figures and the paper cells each one compares) are the paper's, so they
+are data: tables/paper/claims_quantities.csv, one row per quantity. The pair sets behind the averages are
+our method and stay here (``PAIR_SETS``; the CSV names them).
 """
 from __future__ import annotations
 
+import csv
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,112 +88,102 @@ class Claim:
     note: str = ""
 
 
-def _pair(table: str, column: str, a: str, b: str) -> Pair:
-    return Ref(table, a, column), Ref(table, b, column)
-
-
-def _q(what: str, op: str, table: str, column: str, a: str, b: str, stated: float, decimals: int, bound: str = "=") -> Quantity:
-    return Quantity(what, op, (_pair(table, column, a, b),), stated, decimals, bound)
-
-
-def _avg(what: str, op: str, column: str, pairs: Sequence[tuple[str, str, str]], stated: float, decimals: int) -> Quantity:
-    return Quantity(what, op, tuple(_pair(t, column, a, b) for t, a, b in pairs), stated, decimals)
-
-
-T4, T5, T6, T7, F5 = "table4_cityscapes", "table5_ablation", "table6_hrnet_vit", "table7_window", "fig5_ade20k"
+T4, T6, F5 = "table4_cityscapes", "table6_hrnet_vit", "fig5_ade20k"
 CS_PAIRS = ((T4, "HRViT-b1", "MiT-B1"), (T4, "HRViT-b1", "CSWin-Ti"), (T4, "HRViT-b2", "MiT-B2"),
             (T4, "HRViT-b2", "CSWin-T"), (T4, "HRViT-b3", "MiT-B3"), (T4, "HRViT-b3", "CSWin-S"))
 ADE_PAIRS = ((F5, "HRViT-b1", "MiT-B1"), (F5, "HRViT-b2", "MiT-B2"), (F5, "HRViT-b3", "MiT-B3"))
 HRNET_PAIRS = tuple((T6, f"HRViT-b{i}", f"HRNet{w}-{f}") for i, w in ((1, 18), (2, 32), (3, 40)) for f in ("MiT", "CSWin"))
+PAIR_SETS = {"CS_PAIRS": CS_PAIRS, "ADE_PAIRS": ADE_PAIRS, "HRNET_PAIRS": HRNET_PAIRS}  # names used in the CSV
 AVERAGING = {
     "C6/C19 (Table 4 'Avg improv.')": CS_PAIRS,
     "C8 (abstract, ADE20K + Cityscapes)": ADE_PAIRS + CS_PAIRS,
     "C16 (Table 6 'Avg Improv.')": HRNET_PAIRS,
 }
-B1 = "HRViT-b1"
-TOP1, CS, ADE, P, G = "imagenet_top1", "cityscapes_miou", "ade20k_miou", "params_m", "gflops"
+
+# ----------------------------------------------------------------------------------------- the claims (data)
+
+CLAIMS_CSV = PAPER_DIR / "claims_quantities.csv"
+CSV_FIELDS = ("id", "where", "claim", "quantity", "op", "table", "column", "row", "reference", "pair_set",
+              "stated", "decimals", "bound", "note")
+BOUNDS = ("=", "<", ">")
 
 
-def _cs_average(cid: str, where: str, text: str) -> Claim:
-    return Claim(cid, where, text, (
-        _avg("avg mIoU gain", "delta", CS, CS_PAIRS, 2.16, 2),
-        _avg("avg params saving", "saving", P, CS_PAIRS, 30.7, 1),
-        _avg("avg FLOPs saving", "saving", G, CS_PAIRS, 23.1, 1),
-    ), "Averaging: mean over the six tier-matched pairs (see 'Averaging'); MiT/CSWin efficiency cells are 150-class figures.")
+def _ref(table: str, row: str, column: str) -> Ref:
+    """A paper cell named in the claims CSV; it must exist in reproduce/tables/spec.py."""
+    if table not in TABLES:
+        raise ValueError(f"unknown table {table!r}; tables: {list(TABLES)}")
+    spec = TABLES[table]
+    if column not in spec.columns:
+        raise ValueError(f"{table} has no column {column!r}; columns: {list(spec.columns)}")
+    if row not in [r.label for r in spec.rows]:
+        raise ValueError(f"{table} has no row {row!r}; rows: {[r.label for r in spec.rows]}")
+    return Ref(table, row, column)
 
 
-CLAIMS: tuple[Claim, ...] = (
-    Claim("C1", "Sec. 3.1, ADE20K", "HRViT-b1 vs MiT-B1: +3.68 mIoU, 40% fewer params, 8% less computation", (
-        _q("mIoU gain", "delta", F5, ADE, B1, "MiT-B1", 3.68, 2),
-        _q("params saving", "saving", F5, P, B1, "MiT-B1", 40, 0),
-        _q("FLOPs saving", "saving", F5, G, B1, "MiT-B1", 8, 0))),
-    Claim("C2", "Sec. 3.1", "HRViT b1-b3 vs MiT B1-B3 on ADE20K: +3.68, +2.26, +0.80 mIoU", tuple(
-        _q(f"mIoU gain b{i} vs B{i}", "delta", F5, ADE, f"HRViT-b{i}", f"MiT-B{i}", s, 2)
-        for i, s in ((1, 3.68), (2, 2.26), (3, 0.80)))),
-    Claim("C3", "Sec. 3.1", "HRViT b1-b3 vs MiT B1-B3 on Cityscapes: +3.13, +1.81, +1.46 mIoU", tuple(
-        _q(f"mIoU gain b{i} vs B{i}", "delta", T4, CS, f"HRViT-b{i}", f"MiT-B{i}", s, 2)
-        for i, s in ((1, 3.13), (2, 1.81), (3, 1.46)))),
-    Claim("C4", "Sec. 3.1, Cityscapes", "HRViT-b1 vs MiT-B1 and CSWin-Ti: +3.13 and +2.47 mIoU", (
-        _q("mIoU gain vs MiT-B1", "delta", T4, CS, B1, "MiT-B1", 3.13, 2),
-        _q("mIoU gain vs CSWin-Ti", "delta", T4, CS, B1, "CSWin-Ti", 2.47, 2))),
-    Claim("C5", "Sec. 3.1, Cityscapes", "HRViT-b3 vs MiT-B4: +0.86 mIoU, 55.4% fewer params, 30.7% fewer FLOPs", (
-        _q("mIoU gain", "delta", T4, CS, "HRViT-b3", "MiT-B4", 0.86, 2),
-        _q("params saving", "saving", T4, P, "HRViT-b3", "MiT-B4", 55.4, 1),
-        _q("FLOPs saving", "saving", T4, G, "HRViT-b3", "MiT-B4", 30.7, 1)),
-        "MiT-B4's cells are 150-class figures, HRViT-b3's 19-class (as printed)."),
-    _cs_average("C6", "Table 4 last row", "vs MiT and CSWin: avg +2.16 mIoU, -30.7% params, -23.1% FLOPs"),
-    Claim("C7", "Sec. 3.1, ADE20K", "HRViT-b3 beats CSWin-S with 23% fewer params and 13% fewer FLOPs", (
-        _q("params saving", "saving", F5, P, "HRViT-b3", "CSWin-S", 23, 0),
-        _q("FLOPs saving", "saving", F5, G, "HRViT-b3", "CSWin-S", 13, 0)),
-        "The mIoU part needs CSWin-S's ADE20K mIoU, which the paper does not give."),
-    Claim("C8", "Abstract", "vs MiT and CSWin: avg +1.78 mIoU, 28% param saving, 21% FLOPs reduction", (
-        Quantity("avg mIoU gain", "delta", tuple(_pair(t, ADE if t == F5 else CS, a, b) for t, a, b in ADE_PAIRS + CS_PAIRS), 1.78, 2),
-        _avg("avg params saving", "saving", P, ADE_PAIRS + CS_PAIRS, 28, 0),
-        _avg("avg FLOPs saving", "saving", G, ADE_PAIRS + CS_PAIRS, 21, 0)),
-        "Averaging: the three ADE20K pairs with a published mIoU plus the six Cityscapes pairs (see 'Averaging')."),
-    Claim("C9", "Sec. 3.2", "all block optimisations: +0.73% top-1, +1.18 mIoU, 20% fewer params, 13% less computation", (
-        _q("top-1 gain", "delta", T5, TOP1, B1, "- All block opt.", 0.73, 2),
-        _q("mIoU gain", "delta", T5, CS, B1, "- All block opt.", 1.18, 2),
-        _q("params saving", "saving", T5, P, B1, "- All block opt.", 20, 0),
-        _q("FLOPs saving", "saving", T5, G, B1, "- All block opt.", 13, 0))),
-    Claim("C10", "Sec. 3.2", "without key-value sharing: same top-1, lower mIoU, 9% more params, 4% more computation", (
-        _q("top-1 change", "delta", T5, TOP1, "- Key-value sharing", B1, 0.0, 2),
-        _q("mIoU loss (> 0)", "delta", T5, CS, B1, "- Key-value sharing", 0.0, 2, bound=">"),
-        _q("params increase", "increase", T5, P, "- Key-value sharing", B1, 9, 0),
-        _q("FLOPs increase", "increase", T5, G, "- Key-value sharing", B1, 4, 0))),
-    Claim("C11", "Sec. 3.2", "conv patch embedding instead of EffPatchEmbed: 22% more params, 17% more FLOPs", (
-        _q("params increase", "increase", T5, P, "- Eff. patch embed", B1, 22, 0),
-        _q("FLOPs increase", "increase", T5, G, "- Eff. patch embed", B1, 17, 0))),
-    Claim("C12", "Sec. 3.2", "without MixCFN: ~0.66% top-1 drop, 0.11 mIoU loss", (
-        _q("top-1 drop", "delta", T5, TOP1, B1, "- MixCFN", 0.66, 2),
-        _q("mIoU loss", "delta", T5, CS, B1, "- MixCFN", 0.11, 2)),
-        "The paper's Table 5 cells give a 1.11 mIoU loss (81.63 - 80.52)."),
-    Claim("C13", "Sec. 3.2", "parallel conv path: +0.46% top-1, +0.81 mIoU", (
-        _q("top-1 gain", "delta", T5, TOP1, B1, "- Parallel CONV path", 0.46, 2),
-        _q("mIoU gain", "delta", T5, CS, B1, "- Parallel CONV path", 0.81, 2))),
-    Claim("C14", "Sec. 3.2", "extra Hardswish/BN: +0.15% top-1, +0.51 mIoU", (
-        _q("top-1 gain", "delta", T5, TOP1, B1, "- Nonlinearity/BN", 0.15, 2),
-        _q("mIoU gain", "delta", T5, CS, B1, "- Nonlinearity/BN", 0.51, 2))),
-    Claim("C15", "Sec. 3.2", "sparse instead of dense fusion: saves <1% hardware cost, -0.57% top-1, -0.37 mIoU", (
-        _q("params saving of sparse fusion (< 1 %)", "saving", T5, P, "- Dense fusion", B1, 1, 0, bound="<"),
-        _q("FLOPs saving of sparse fusion (< 1 %)", "saving", T5, G, "- Dense fusion", B1, 1, 0, bound="<"),
-        _q("top-1 loss", "delta", T5, TOP1, B1, "- Dense fusion", 0.57, 2),
-        _q("mIoU loss", "delta", T5, CS, B1, "- Dense fusion", 0.37, 2)),
-        "'Hardware cost' is read as both params and FLOPs."),
-    Claim("C16", "Table 6 last row", "HRViT vs vanilla HRNet-ViT: -14.4% params, -38.2% FLOPs, +0.92 top-1, +0.89 mIoU", (
-        _avg("avg params saving", "saving", P, HRNET_PAIRS, 14.4, 1),
-        _avg("avg FLOPs saving", "saving", G, HRNET_PAIRS, 38.2, 1),
-        _avg("avg top-1 gain", "delta", TOP1, HRNET_PAIRS, 0.92, 2),
-        _avg("avg mIoU gain", "delta", CS, HRNET_PAIRS, 0.89, 2)),
-        "Averaging: mean over the six pairs HRViT-b{1,2,3} vs HRNet{18,32,40}-{MiT,CSWin} (see 'Averaging')."),
-    Claim("C17", "Sec. 3.2, Table 7", "window 7 -> 9: +0.34 mIoU with 0.8% more FLOPs", (
-        _q("mIoU gain", "delta", T7, CS, "9", "7", 0.34, 2),
-        _q("FLOPs increase", "increase", T7, G, "9", "7", 0.8, 1))),
-    Claim("C18", "Sec. 3.2, Table 7", "window 9 -> 15: -0.26 mIoU, 3.7% more FLOPs", (
-        _q("mIoU change", "delta", T7, CS, "15", "9", -0.26, 2),
-        _q("FLOPs increase", "increase", T7, G, "15", "9", 3.7, 1))),
-    _cs_average("C19", "Sec. 3.1", "Cityscapes: HRViT vs MiT and CSWin avg +2.16 mIoU, 30.7% fewer params, 23.1% less computation"),
-)
+def _pairs(entry: dict[str, str]) -> tuple[Pair, ...]:
+    """One explicit pair (table: row vs reference), or named pair sets ("ADE_PAIRS+CS_PAIRS") with one
+    column for all or one column per set ("ade20k_miou+cityscapes_miou")."""
+    location = [entry["table"], entry["row"], entry["reference"]]
+    if not entry["pair_set"]:
+        if not all(location):
+            raise ValueError("give table, row and reference, or a pair_set")
+        table, row, reference = location
+        return ((_ref(table, row, entry["column"]), _ref(table, reference, entry["column"])),)
+    if any(location):
+        raise ValueError("give either a pair_set or table/row/reference, not both")
+    names, columns = entry["pair_set"].split("+"), entry["column"].split("+")
+    unknown = [name for name in names if name not in PAIR_SETS]
+    if unknown:
+        raise ValueError(f"unknown pair_set {unknown}; known: {list(PAIR_SETS)}")
+    if len(columns) not in (1, len(names)):
+        raise ValueError(f"column {entry['column']!r} must name one column, or one per set of {entry['pair_set']!r}")
+    columns = columns * len(names) if len(columns) == 1 else columns
+    return tuple((_ref(t, a, column), _ref(t, b, column))
+                 for name, column in zip(names, columns) for t, a, b in PAIR_SETS[name])
+
+
+def _quantity(entry: dict[str, str]) -> Quantity:
+    if not entry["quantity"]:
+        raise ValueError("quantity is empty")
+    if entry["op"] not in OPS:
+        raise ValueError(f"op {entry['op']!r} is not one of {list(OPS)}")
+    if entry["bound"] not in BOUNDS:
+        raise ValueError(f"bound {entry['bound']!r} is not one of {list(BOUNDS)}")
+    if not entry["decimals"].isdigit():
+        raise ValueError(f"decimals {entry['decimals']!r} is not a non-negative integer")
+    try:  # the figure as printed: "40" stays an int, "0.80" a float
+        stated = float(entry["stated"]) if "." in entry["stated"] else int(entry["stated"])
+    except ValueError:
+        raise ValueError(f"stated {entry['stated']!r} is not a number") from None
+    return Quantity(entry["quantity"], entry["op"], _pairs(entry), stated, int(entry["decimals"]), entry["bound"])
+
+
+def load_claims(path: Path = CLAIMS_CSV) -> tuple[Claim, ...]:
+    """The claims, one CSV row per quantity; a claim's rows are consecutive and repeat its where/claim/note."""
+    claims: list[tuple[tuple[str, str, str, str], list[Quantity]]] = []  # (id, where, claim, note), quantities
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != CSV_FIELDS:
+            raise ValueError(f"{path}: the header must be {','.join(CSV_FIELDS)}, not {','.join(reader.fieldnames or ())}")
+        for entry in reader:
+            try:
+                if None in entry or None in entry.values():
+                    raise ValueError(f"expected {len(CSV_FIELDS)} fields")
+                if not re.fullmatch(r"C\d+", entry["id"]) or not entry["where"] or not entry["claim"]:
+                    raise ValueError("id must read C<number>, and where and claim must be given")
+                key = (entry["id"], entry["where"], entry["claim"], entry["note"])
+                if claims and claims[-1][0] == key:
+                    claims[-1][1].append(_quantity(entry))
+                elif any(k[0] == entry["id"] for k, _ in claims):
+                    raise ValueError(f"the rows of {entry['id']} must be together and repeat the same where/claim/note")
+                else:
+                    claims.append((key, [_quantity(entry)]))
+            except ValueError as err:
+                raise ValueError(f"{path}, line {reader.line_num} ({entry.get('id')}, {entry.get('quantity')!r}): {err}") from None
+    return tuple(Claim(cid, where, text, tuple(qs), note) for (cid, where, text, note), qs in claims)
+
+
+CLAIMS: tuple[Claim, ...] = load_claims()
 
 
 # ----------------------------------------------------------------------------------------- evaluation
