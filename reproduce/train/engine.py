@@ -32,13 +32,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from models.factory import check_model_name
+from reproduce.data import synthetic
 from reproduce.data.datasets import SeededSamples, sample_seed
-from reproduce.train.distributed import DistContext, average_bn_stats, env_world_size, gather_digests
+from reproduce.train.distributed import DistContext, average_bn_stats, barrier, env_world_size, gather_digests
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
 CHECKPOINT_FORMAT = "hrvit-repro-checkpoint/1"
 PROFILES = ("smoke", "paper")
+DEFAULT_SYNTHETIC_ROOT = Path("data/synthetic")
 # Recipe keys that change how a run is executed but not its numbers (left out of the resume check).
 _EXECUTION_KEYS = ("checkpoint_every", "num_workers", "log_every")
 
@@ -142,6 +144,18 @@ def check_multiple_of_32(flag: str, size: int) -> None:
 
 
 # --------------------------------------------------------------------------- seeding and set-up
+
+
+def dataset_root(args: argparse.Namespace, ctx: DistContext, kind: str, seed: int, count: int, pixels: int) -> Path:
+    """The folder to read: ``--data-root`` for a real dataset; for ``synthetic`` the generated data of
+    ``kind`` (cls|seg) in the real layout, made once per node by local rank 0 while the others wait."""
+    if args.dataset != "synthetic":
+        return Path(args.data_root)
+    cache = Path(args.data_root) if args.data_root is not None else DEFAULT_SYNTHETIC_ROOT
+    if ctx.local_rank == 0:
+        synthetic.ensure_synthetic(cache, kind, seed, count, pixels)
+    barrier(ctx)
+    return synthetic.ensure_synthetic(cache, kind, seed, count, pixels)
 
 
 def seed_everything(seed: int) -> None:

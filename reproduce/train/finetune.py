@@ -19,13 +19,11 @@ from timm.scheduler import PolyLRScheduler
 from torch import nn
 
 from models.factory import build_model
-from reproduce.data import synthetic
 from reproduce.data.datasets import SEG_DATASETS, SegDatasetInfo, SegmentationDataset, index_segmentation, synthetic_seg_scale
 from reproduce.data.seg_transforms import IGNORE_INDEX, SegTestTransform, SegTrainTransform
 from reproduce.train import distributed, engine
 from reproduce.train.evaluation import evaluate_segmentation
 
-DEFAULT_SYNTHETIC_ROOT = Path("data/synthetic")
 # Backbone drop-path of the official configs (hrvit.md §3.2); other backbones keep MiT's 0.1.
 DROP_PATH = {
     "ade20k": {"hrvit_b1": 0.1, "hrvit_b2": 0.2, "hrvit_b3": 0.3},
@@ -109,13 +107,7 @@ def validate(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], 
 
 
 def data_root(args: argparse.Namespace, recipe: dict[str, Any], ctx: distributed.DistContext) -> Path:
-    if args.dataset != "synthetic":
-        return Path(args.data_root)
-    cache = Path(args.data_root) if args.data_root is not None else DEFAULT_SYNTHETIC_ROOT
-    if ctx.local_rank == 0:
-        synthetic.ensure_synthetic(cache, "seg", recipe["seed"], recipe["synthetic_size"], recipe["crop_size"])
-    distributed.barrier(ctx)
-    return synthetic.ensure_synthetic(cache, "seg", recipe["seed"], recipe["synthetic_size"], recipe["crop_size"])
+    return engine.dataset_root(args, ctx, "seg", recipe["seed"], recipe["synthetic_size"], recipe["crop_size"])
 
 
 def build_dataset(name: str, root: Path, split: str, recipe: dict[str, Any], augment: bool) -> SegmentationDataset:

@@ -20,13 +20,12 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
 from models.factory import build_model
-from reproduce.data import layouts, synthetic
+from reproduce.data import layouts
 from reproduce.data.datasets import ImageClassDataset
 from reproduce.train import distributed, engine
 from reproduce.train.evaluation import evaluate_classification
 
 DATASETS = ("synthetic", "imagenet")
-DEFAULT_SYNTHETIC_ROOT = Path("data/synthetic")
 
 # spec hrvit.md §3.1 (official pretrain.py command and defaults); batch is global (32/GPU x 32 GPUs).
 PAPER = {
@@ -81,14 +80,7 @@ def validate(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], 
 
 
 def data_root(args: argparse.Namespace, recipe: dict[str, Any], ctx: distributed.DistContext) -> Path:
-    """The ImageNet-layout folder to read: the given root, or the generated data (made once per node)."""
-    if args.dataset != "synthetic":
-        return Path(args.data_root)
-    cache = Path(args.data_root) if args.data_root is not None else DEFAULT_SYNTHETIC_ROOT
-    if ctx.local_rank == 0:
-        synthetic.ensure_synthetic(cache, "cls", recipe["seed"], recipe["synthetic_size"], recipe["image_size"])
-    distributed.barrier(ctx)
-    return synthetic.ensure_synthetic(cache, "cls", recipe["seed"], recipe["synthetic_size"], recipe["image_size"])
+    return engine.dataset_root(args, ctx, "cls", recipe["seed"], recipe["synthetic_size"], recipe["image_size"])
 
 
 def index_data(root: Path) -> tuple[list[str], dict[str, list]]:
