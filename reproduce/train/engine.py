@@ -34,7 +34,7 @@ from tqdm import tqdm
 from models.factory import check_model_name
 from reproduce.data import synthetic
 from reproduce.data.datasets import SeededSamples, sample_seed
-from reproduce.train.distributed import DistContext, average_bn_stats, barrier, env_world_size, gather_digests
+from reproduce.train.distributed import DistContext, average_bn_stats, barrier, env_world_size, gather_digests, setup, teardown
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
@@ -429,6 +429,18 @@ def resume_state(output: Path, fingerprint: str, no_resume: bool, log: Logger) -
         )
     log.line(f"resuming from {path} at step {state['step']}")
     return state
+
+
+def launch(args: argparse.Namespace, validate: Callable[[argparse.Namespace], tuple], train: Callable[..., int]) -> int:
+    """Run a training command: ``validate(args)`` rejects bad settings before any data or process group
+    is touched, then ``train(args, recipe, settings, micro, ctx, start)`` runs inside the process group."""
+    recipe, settings, micro = validate(args)
+    start = time.time()
+    ctx = setup(args.device)
+    try:
+        return train(args, recipe, settings, micro, ctx, start)
+    finally:
+        teardown(ctx)
 
 
 def train_evaluate_record(

@@ -8,7 +8,6 @@ sliding-window test (stride 768), ADE20K 512 crops / batch 16 with whole-image t
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
@@ -164,13 +163,7 @@ def load_pretrained_backbone(model: nn.Module, path: Path, name: str, settings: 
 
 
 def run(args: argparse.Namespace) -> int:
-    recipe, settings, micro = validate(args)
-    start = time.time()
-    ctx = distributed.setup(args.device)
-    try:
-        return _train(args, recipe, settings, micro, ctx, start)
-    finally:
-        distributed.teardown(ctx)
+    return engine.launch(args, validate, _train)
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult: float) -> list[dict[str, Any]]:

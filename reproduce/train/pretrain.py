@@ -8,7 +8,6 @@ pieces: ``create_transform`` (RandAugment, random erasing), ``Mixup`` with label
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
@@ -102,13 +101,7 @@ def make_dataset(samples: list, recipe: dict[str, Any], augment: bool) -> ImageC
 
 
 def run(args: argparse.Namespace) -> int:
-    recipe, settings, micro = validate(args)
-    start = time.time()
-    ctx = distributed.setup(args.device)
-    try:
-        return _train(args, recipe, settings, micro, ctx, start)
-    finally:
-        distributed.teardown(ctx)
+    return engine.launch(args, validate, _train)
 
 
 def _train(args, recipe, settings, micro, ctx, start) -> int:
