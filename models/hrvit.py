@@ -73,6 +73,20 @@ def _check_window_sizes(window_sizes: Sequence[int]) -> tuple[int, ...]:
     return sizes
 
 
+def option_kwargs(model: str, ablate: Iterable[str] = (), window_sizes: Sequence[int] | None = None) -> dict[str, Any]:
+    """Model kwargs of the HRViT-only experiment options (Table 5 ablations, Table 7 window sizes),
+    validated before anything is built so that every command rejects bad values the same way."""
+    ablate = list(ablate)
+    if not ablate and window_sizes is None:
+        return {}
+    if model not in MODEL_CFGS:
+        raise ValueError(f"--ablate and --window-sizes apply to HRViT models only ({', '.join(MODEL_CFGS)}); got {model!r}")
+    kwargs: dict[str, Any] = ablation_kwargs(ablate) if ablate else {}
+    if window_sizes is not None:
+        kwargs["window_sizes"] = _check_window_sizes(window_sizes)
+    return kwargs
+
+
 @dataclass(frozen=True)
 class HRViTCfg:
     """One variant (§2.3): branch widths, blocks per branch in each of the 6 modules, head dim, MLP ratios."""

@@ -13,7 +13,6 @@ from typing import Any, Iterable, Sequence
 
 DEFAULT_SIZE = {"cls": (224, 224), "seg": (512, 512)}
 DEFAULT_CLASSES = {"cls": 1000, "seg": 19}
-HRVIT_ONLY = "--window-sizes and --ablate apply to HRViT models only ({names}); got {model!r}"
 
 
 @dataclass(frozen=True)
@@ -28,22 +27,9 @@ class Request:
     ablate: tuple[str, ...]
 
     def model_kwargs(self) -> dict[str, Any]:
-        from models.hrvit import ablation_kwargs
+        from models.hrvit import option_kwargs
 
-        kwargs: dict[str, Any] = ablation_kwargs(self.ablate) if self.ablate else {}
-        if self.window_sizes is not None:
-            kwargs["window_sizes"] = self.window_sizes
-        return kwargs
-
-
-def hrvit_models() -> list[str]:
-    """Names registered by ``models/hrvit.py`` (the only models with window sizes and ablations)."""
-    import timm
-
-    from models.factory import available_models
-
-    available_models()  # imports the family modules, registering their timm names
-    return timm.list_models(module="hrvit")
+        return option_kwargs(self.model, self.ablate, self.window_sizes)
 
 
 def check_request(
@@ -69,21 +55,10 @@ def check_request(
     if len(size) != 2 or min(size) < 1:
         raise ValueError(f"--size takes H W (or one value for a square), both positive; got {list(size)}")
     ablate = tuple(dict.fromkeys(ablate))
-    if window_sizes is not None or ablate:
-        names = hrvit_models()
-        if model not in names:
-            raise ValueError(HRVIT_ONLY.format(names=", ".join(names), model=model))
-        from models.hrvit import ABLATIONS, NUM_BRANCHES
-
-        unknown = [a for a in ablate if a not in (*ABLATIONS, "all")]
-        if unknown:
-            raise ValueError(f"unknown ablation(s) {unknown}; choose from {', '.join(ABLATIONS)}, all")
-        if window_sizes is not None and (len(window_sizes) != NUM_BRANCHES or min(window_sizes) < 1):
-            raise ValueError(
-                f"--window-sizes takes {NUM_BRANCHES} positive ints, one per branch (e.g. 1 2 9 9); "
-                f"got {list(window_sizes)}"
-            )
-    return Request(model, task, num_classes, size, None if window_sizes is None else tuple(window_sizes), ablate)
+    window_sizes = None if window_sizes is None else tuple(window_sizes)
+    request = Request(model, task, num_classes, size, window_sizes, ablate)
+    request.model_kwargs()  # raises on options HRViT does not have
+    return request
 
 
 def _build(request: Request, on_meta: bool):

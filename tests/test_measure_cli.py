@@ -42,9 +42,9 @@ def test_measure_prints_a_table_without_json(capsys):
     "argv, message",
     [
         (["hrvit_b9"], "unknown model 'hrvit_b9'; available models:"),
-        (["hrvit_b1", "--ablate", "mixcfn", "nope"], "unknown ablation(s) ['nope']"),
-        (["hrvit_b1", "--window-sizes", "1", "2", "7"], "--window-sizes takes 4 positive ints"),
-        (["hrvit_b1", "--window-sizes", "1", "2", "0", "7"], "--window-sizes takes 4 positive ints"),
+        (["hrvit_b1", "--ablate", "mixcfn", "nope"], "unknown HRViT ablation(s) ['nope']"),
+        (["hrvit_b1", "--window-sizes", "1", "2", "7"], "window_sizes must be 4 positive ints"),
+        (["hrvit_b1", "--window-sizes", "1", "2", "0", "7"], "window_sizes must be 4 positive ints"),
         (["hrvit_b1", "--size", "0", "512"], "--size takes H W"),
         (["hrvit_b1", "--size", "1", "2", "3"], "--size takes H W"),
         (["hrvit_b1", "--num-classes", "0"], "--num-classes must be a positive integer"),

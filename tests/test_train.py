@@ -119,7 +119,7 @@ def test_sliding_window_inference_covers_the_image_and_averages_overlaps():
         (["pretrain", "--model", "hrvit_b9"], "unknown model 'hrvit_b9'"),
         (["pretrain", "--model", "hrvit_b1", "--lr", "-0.1"], "--lr must be positive"),
         (["pretrain", "--model", "hrvit_b1", "--image-size", "70"], "multiple of 32"),
-        (["pretrain", "--model", "mit_b0", "--ablate", "des"], "apply only to HRViT"),
+        (["pretrain", "--model", "mit_b0", "--ablate", "des"], "apply to HRViT models only"),
         (["pretrain", "--model", "hrvit_b1", "--ablate", "bogus"], "unknown HRViT ablation"),
         (["pretrain", "--model", "hrvit_b1", "--dataset", "imagenet"], "needs --data-root"),
         (["finetune", "--model", "hrvit_b1", "--dataset", "cityscapes", "--profile", "paper", "--crop-size", "2048"], "larger than cityscapes"),

@@ -97,22 +97,13 @@ def model_settings(args: argparse.Namespace, drop_path: float) -> dict[str, Any]
 
 def model_kwargs(name: str, settings: dict[str, Any]) -> dict[str, Any]:
     """``build_model`` keyword arguments for ``settings``; ablations and windows exist only in HRViT."""
-    kwargs: dict[str, Any] = {"drop_path_rate": settings["drop_path_rate"]}
-    hrvit_only = [flag for flag, key in (("--ablate", "ablate"), ("--window-sizes", "window_sizes")) if settings.get(key)]
-    if hrvit_only and not name.startswith("hrvit_"):
-        raise SettingsError(f"{' and '.join(hrvit_only)} apply only to HRViT models (hrvit_b1/b2/b3), not {name!r}")
-    if settings.get("ablate"):
-        from models.hrvit import ablation_kwargs
+    from models.hrvit import option_kwargs
 
-        try:
-            kwargs.update(ablation_kwargs(settings["ablate"]))
-        except ValueError as err:
-            raise SettingsError(str(err)) from err
-    if settings.get("window_sizes"):
-        if any(int(w) < 1 for w in settings["window_sizes"]):
-            raise SettingsError(f"--window-sizes must be 4 positive ints, got {settings['window_sizes']}")
-        kwargs["window_sizes"] = tuple(int(w) for w in settings["window_sizes"])
-    return kwargs
+    try:
+        options = option_kwargs(name, settings.get("ablate") or (), settings.get("window_sizes"))
+    except ValueError as err:
+        raise SettingsError(str(err)) from err
+    return {"drop_path_rate": settings["drop_path_rate"], **options}
 
 
 def validate_common(model: str, recipe: dict[str, Any]) -> int:
