@@ -23,12 +23,13 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from models.factory import refuse_pretrained, register_segmentation_backbone
+from models.factory import SuiteCfg
 from models.flop_registry import AttentionMacs, register_attention_counter
+from models.weights import build_with_weights, convert_checkpoint, rename_keys
 
 __all__ = ["CSWin", "CSWinBlock", "LePEAttention"]
 
@@ -302,25 +303,45 @@ _CONFIGS = {
     "cswin_t": CSWinConfig(embed_dim=64, depths=(1, 2, 21, 1), num_heads=(2, 4, 8, 16)),
     "cswin_s": CSWinConfig(embed_dim=64, depths=(2, 4, 32, 2), num_heads=(2, 4, 8, 16)),
 }
+# Official ImageNet checkpoints (microsoft/CSWin-Transformer models/cswin.py) -> this file. Their
+# LePE attentions are ordered as here (0: vertical stripes, 1: horizontal; one global in stage 4).
+_OFFICIAL_RULES = (
+    (r"stage1_conv_embed\.0\.(.+)", r"stages.0.embed.proj.\1"),
+    (r"stage1_conv_embed\.2\.(.+)", r"stages.0.embed.norm.\1"),
+    (r"merge(\d)\.conv\.(.+)", r"stages.\1.embed.proj.\2"),
+    (r"merge(\d)\.norm\.(.+)", r"stages.\1.embed.norm.\2"),
+    (r"stage(\d)\.(\d+)\.((?:norm1|qkv|attns\.\d\.get_v|proj|norm2|mlp\.fc1|mlp\.fc2)\..+)",
+     lambda m: f"stages.{int(m[1]) - 1}.blocks.{m[2]}.{m[3]}"),
+    (r"(norm|head)\.(weight|bias)", r"\1.\2"),
+)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: CSWin) -> dict[str, torch.Tensor]:
+    """timm filter: official CSWin ImageNet checkpoints (``state_dict_ema`` preferred, as its eval
+    script) and this suite's. The segmentation stage norms are not in ImageNet checkpoints and
+    start at their init, as in the official segmentation backbone."""
+    official = lambda state: rename_keys(state, _OFFICIAL_RULES, "official CSWin")  # noqa: E731
+    return convert_checkpoint(state_dict, model, {"cswin-official": official},
+                              optional=("head.", "stage_norms."), family="CSWin")
+
+
+def _cfg(seg_embed_dim: int) -> SuiteCfg:
+    # Microsoft publishes CSWin-T/S/B/L ImageNet weights on GitHub releases; CSWin-Ti (this paper's
+    # C = 32 variant) has none. No url here: downloads need a file (models.weights).
+    return SuiteCfg(
+        num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.9, interpolation="bicubic",
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), first_conv="stages.0.embed.proj", classifier="head",
+        origin_url="https://github.com/microsoft/CSWin-Transformer", seg_embed_dim=seg_embed_dim, flop_family="cswin",
+    )
+
+
 # SegFormer head width reproducing Table 4 (spec baselines.md §2.3): 256 for Ti/T, 768 for S.
-_SEG_EMBED_DIM = {"cswin_ti": 256, "cswin_t": 256, "cswin_s": 768}
-
-
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
-        "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "first_conv": "stages.0.embed.proj", "classifier": "head", **kwargs,
-    }
-
-
-default_cfgs = generate_default_cfgs({name: _cfg() for name in _CONFIGS})
+default_cfgs = generate_default_cfgs({"cswin_ti": _cfg(256), "cswin_t": _cfg(256), "cswin_s": _cfg(768)})
 
 
 def _create_cswin(variant: str, pretrained: bool = False, **kwargs: Any) -> CSWin:
-    refuse_pretrained(variant, pretrained)
-    return build_model_with_cfg(
-        CSWin, variant, pretrained,
+    return build_with_weights(
+        CSWin, variant, pretrained, checkpoint_filter_fn,
         model_cfg=_CONFIGS[variant],
         feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
         stage_norms=kwargs.get("features_only", False),
@@ -342,6 +363,3 @@ def cswin_t(pretrained: bool = False, **kwargs: Any) -> CSWin:
 def cswin_s(pretrained: bool = False, **kwargs: Any) -> CSWin:
     return _create_cswin("cswin_s", pretrained, **kwargs)
 
-
-for _name, _dim in _SEG_EMBED_DIM.items():
-    register_segmentation_backbone(_name, _dim, flop_family="cswin")

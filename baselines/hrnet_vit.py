@@ -1,9 +1,9 @@
 """The vanilla HRNet-ViT baselines of the HRViT paper (Table 6): HRNet18/32/40-MiT and -CSWin.
 
 The paper only says it "directly replace[s] residual blocks in HRNetV2 with MiT/CSWin Transformer
-blocks". This file reuses timm's HRNetV2 as is (stem, 4-Bottleneck stage 1, transitions, fuse
-layers, module counts, classification head) and swaps the BasicBlocks of stages 2-4 through timm's
-``block_types_dict``. The reading is spec baselines.md §3.4's fit, with every choice a keyword
+blocks". This file builds timm's HRNetV2 through its public constructor (stem, 4-Bottleneck stage 1,
+transitions, fuse layers, module counts, classification head) and then gives every branch of
+stages 2-4 its own transformer blocks in place of the BasicBlocks. The reading is spec baselines.md §3.4's fit, with every choice a keyword
 switch and these defaults ("fitted to Table 6 params within 3 %"):
 
 * ``block``: 'mit' (smp's MiT block: SRA attention + Mix-FFN, so MiT itself and HRNet-MiT share one
@@ -11,7 +11,8 @@ switch and these defaults ("fitted to Table 6 params within 3 %"):
 * ``patch_embed='conv3'``: each branch of every module starts with a 3x3 conv + LayerNorm (MiT's /
   CSWin's overlapped patch embedding at stride 1; 'none' drops it);
 * ``mit_sr='pool'``: MiT's key/value reduction by a parameter-free sr x sr average pool + LayerNorm
-  (sr 8/4/2/1 per branch); 'conv' keeps MiT's learned sr x sr conv (far too heavy for Table 6);
+  (sr 8/4/2/1 per branch, ``PooledSRAttention``); 'conv' keeps MiT's learned sr x sr conv (far too
+  heavy for Table 6);
 * ``blocks_per_branch=4``, ``num_modules=(1, 4, 3)`` (HRNetV2's), ``mlp_ratio=4``;
 * ``num_heads``: head dim W on each branch (MiT 1/2/4/8, CSWin 2/4/8/16 as CSWin needs two halves);
 * SegFormer head width 256 for W18/W32 and 768 for W40 (registered per name).
@@ -43,22 +44,21 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
-from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.encoders import mix_transformer as smp_mit
 from timm.layers import DropPath, LayerNorm2d
-from timm.models import build_model_with_cfg, generate_default_cfgs, hrnet, register_model
+from timm.models import generate_default_cfgs, hrnet, register_model
 from torch import nn
 
 from baselines.cswin import CSWinBlock
-from models.factory import refuse_pretrained, register_segmentation_backbone
+from models.factory import SuiteCfg
+from models.weights import build_with_weights, convert_checkpoint
 
-__all__ = ["HRNetViT", "HRNetViTFeatures", "HRNetViTSettings", "CSWinBranchBlock", "ConvPatchEmbed"]
+__all__ = ["HRNetViT", "HRNetViTFeatures", "HRNetViTSettings", "CSWinBranchBlock", "ConvPatchEmbed", "PooledSRAttention"]
 
 _ALIGN = 32  # total stride of HRNet's lowest-resolution branch
 
@@ -93,14 +93,6 @@ class HRNetViTSettings:
         return (1, 2, 4, 8) if self.block == "mit" else (2, 4, 8, 16)
 
 
-def _branch_index(planes: int, width: int) -> int:
-    """HRNet branch i has width * 2**i channels."""
-    index = int(round(math.log2(planes / width)))
-    if width << index != planes or not 0 <= index < 4:
-        raise ValueError(f"{planes} channels is not an HRNet branch width for W={width}")
-    return index
-
-
 class CSWinBranchBlock(nn.Module):
     """A CSWin block on an NCHW branch map (HRNet blocks are NCHW in, NCHW out)."""
 
@@ -114,22 +106,33 @@ class CSWinBranchBlock(nn.Module):
         return tokens.transpose(1, 2).reshape(b, c, h, w)
 
 
-def _transformer_block(inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, *,
-                       width: int, settings: HRNetViTSettings, device=None, dtype=None) -> nn.Module:
-    """timm HRNet block constructor: one MiT or CSWin block for branch log2(planes / width)."""
-    if stride != 1 or downsample is not None or inplanes != planes:
-        raise ValueError("HRNet-ViT transformer blocks keep the branch width (no stride, no downsample)")
-    i = _branch_index(planes, width)
-    heads = settings.heads[i]
+class PooledSRAttention(smp_mit.Attention):
+    """MiT's spatial-reduction attention whose learned sr x sr conv is a parameter-free sr x sr
+    average pool (the LayerNorm after it stays): the ``mit_sr='pool'`` reading."""
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int):
+        super().__init__(dim, num_heads, qkv_bias=True, sr_ratio=sr_ratio)
+        self.sr = nn.AvgPool2d(sr_ratio)
+
+
+class MiTBranchBlock(smp_mit.Block):
+    """smp's MiT block (NCHW in and out, as HRNet's blocks), optionally with ``PooledSRAttention``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, sr_ratio: int, pooled: bool, drop_path: float):
+        super().__init__(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=drop_path,
+                         norm_layer=functools.partial(smp_mit.LayerNorm, eps=1e-6), sr_ratio=sr_ratio)
+        if pooled and sr_ratio > 1:
+            self.attn = PooledSRAttention(dim, num_heads, sr_ratio)
+
+
+def _transformer_block(branch: int, channels: int, settings: HRNetViTSettings) -> nn.Module:
+    """One MiT or CSWin block for HRNet branch ``branch`` (of ``channels`` channels)."""
+    heads = settings.heads[branch]
     if settings.block == "mit":
-        block = smp_mit.Block(planes, heads, settings.mlp_ratio, qkv_bias=True, drop_path=settings.drop_path_rate,
-                              norm_layer=functools.partial(smp_mit.LayerNorm, eps=1e-6), sr_ratio=settings.sr_ratios[i])
-        if settings.mit_sr == "pool" and settings.sr_ratios[i] > 1:
-            block.attn.sr = nn.AvgPool2d(settings.sr_ratios[i])  # parameter-free reduction, LayerNorm kept
-    else:
-        block = CSWinBranchBlock(CSWinBlock(planes, heads, settings.split_sizes[i], last_stage=i == 3,
-                                            mlp_ratio=settings.mlp_ratio, drop_path=settings.drop_path_rate))
-    return block.to(device=device, dtype=dtype)
+        return MiTBranchBlock(channels, heads, settings.mlp_ratio, settings.sr_ratios[branch],
+                              settings.mit_sr == "pool", settings.drop_path_rate)
+    return CSWinBranchBlock(CSWinBlock(channels, heads, settings.split_sizes[branch], last_stage=branch == 3,
+                                       mlp_ratio=settings.mlp_ratio, drop_path=settings.drop_path_rate))
 
 
 class ConvPatchEmbed(nn.Sequential):
@@ -161,24 +164,25 @@ class HRNetViTFeatures(hrnet.HighResolutionNetFeatures):
         return [f[..., : -(-h // r), : -(-w // r)] for f, r in zip(features, self.feature_info.reduction())]
 
 
-@contextmanager
-def _block_type(block: Callable[..., nn.Module]) -> Iterator[str]:
-    """Make ``block`` visible to timm's HRNet, which looks block types up by name, while it builds."""
-    key = f"hrnet_vit_{id(block)}"
-    hrnet.block_types_dict[key] = block
-    try:
-        yield key
-    finally:
-        del hrnet.block_types_dict[key]
-
-
-def _hrnet_cfg(width: int, block_key: str, settings: HRNetViTSettings) -> dict[str, Any]:
-    """timm's HRNetV2-W cfg with the BasicBlocks of stages 2-4 replaced."""
+def _hrnet_cfg(width: int, settings: HRNetViTSettings) -> dict[str, Any]:
+    """timm's HRNetV2-W cfg with the module counts of stages 2-4 (one BasicBlock per branch: each
+    branch is replaced by transformer blocks right after construction)."""
     cfg = copy.deepcopy(hrnet.cfg_cls[f"hrnet_w{width}"])
     for stage, modules in zip(("stage2", "stage3", "stage4"), settings.num_modules):
-        branches = cfg[stage]["num_branches"]
-        cfg[stage].update(block_type=block_key, num_modules=modules, num_blocks=(settings.blocks_per_branch,) * branches)
+        cfg[stage].update(block_type="BASIC", num_modules=modules, num_blocks=(1,) * cfg[stage]["num_branches"])
     return cfg
+
+
+def _set_transformer_branches(model: hrnet.HighResolutionNet, settings: HRNetViTSettings) -> None:
+    """Every branch of stages 2-4 becomes ``blocks_per_branch`` transformer blocks (which keep the
+    branch width, as the BasicBlocks they replace), initialised as timm initialises HRNet."""
+    for stage in (model.stage2, model.stage3, model.stage4):
+        for module in stage:
+            module.branches = nn.ModuleList(
+                nn.Sequential(*(_transformer_block(i, channels, settings) for _ in range(settings.blocks_per_branch)))
+                for i, channels in enumerate(module.num_in_chs)
+            )
+    model.init_weights()
 
 
 def _add_patch_embeds(model: hrnet.HighResolutionNet) -> None:
@@ -198,26 +202,36 @@ def _schedule_drop_path(model: nn.Module, rate: float) -> None:
 _SWITCHES = {f.name for f in fields(HRNetViTSettings)} - {"block"}
 
 
-def _create_hrnet_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> HRNetViT:
-    refuse_pretrained(variant, pretrained)
-    width, block_name = _VARIANTS[variant]
-    settings = replace(HRNetViTSettings(block=block_name), **{k: kwargs.pop(k) for k in _SWITCHES & set(kwargs)})
-    block = functools.partial(_transformer_block, width=width, settings=settings)
-    block.expansion = 1  # timm reads the channel expansion off the block type
-    features_only = kwargs.pop("features_only", False)
-    if features_only:
-        model_cls, kwargs_filter = HRNetViTFeatures, ("num_classes", "global_pool")
-        kwargs.update(feature_location="", out_indices=kwargs.get("out_indices", (1, 2, 3, 4)))
-    else:
-        model_cls, kwargs_filter = HRNetViT, None
-    with _block_type(block) as key:
-        model = build_model_with_cfg(model_cls, variant, pretrained, model_cfg=_hrnet_cfg(width, key, settings),
-                                     kwargs_filter=kwargs_filter, **kwargs)
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: HRNetViT) -> dict[str, torch.Tensor]:
+    """timm filter: this suite's checkpoints only (these baselines are the paper's own constructions
+    and no weights of them are published anywhere)."""
+    return convert_checkpoint(state_dict, model, {}, optional=("incre_modules.", "downsamp_modules.", "final_layer.",
+                                                               "classifier."), family="HRNet-ViT")
+
+
+def _construct(model_cls: type[hrnet.HighResolutionNet], settings: HRNetViTSettings, **kwargs: Any) -> nn.Module:
+    """timm's HRNet with the transformer branches, patch embeddings and drop-path schedule of ``settings``
+    (the constructor ``build_model_with_cfg`` calls, so that weights load into the finished model)."""
+    model = model_cls(**kwargs)
+    _set_transformer_branches(model, settings)
     if settings.patch_embed == "conv3":
         _add_patch_embeds(model)
     _schedule_drop_path(model, settings.drop_path_rate)
     model.reading = settings  # the fitted construction choices; `reproduce measure` prints them
     return model
+
+
+def _create_hrnet_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> HRNetViT:
+    width, block_name = _VARIANTS[variant]
+    settings = replace(HRNetViTSettings(block=block_name), **{k: kwargs.pop(k) for k in _SWITCHES & set(kwargs)})
+    if kwargs.pop("features_only", False):
+        model_cls, kwargs_filter = HRNetViTFeatures, ("num_classes", "global_pool")
+        kwargs.update(feature_location="", out_indices=kwargs.get("out_indices", (1, 2, 3, 4)))
+    else:
+        model_cls, kwargs_filter = HRNetViT, None
+    return build_with_weights(functools.partial(_construct, model_cls, settings), variant, pretrained,
+                              checkpoint_filter_fn, model_cfg=_hrnet_cfg(width, settings), kwargs_filter=kwargs_filter,
+                              **kwargs)
 
 
 _VARIANTS = {
@@ -228,15 +242,15 @@ _VARIANTS = {
 _SEG_EMBED_DIM = {18: 256, 32: 256, 40: 768}  # the W40 jump in Table 6 needs E=768 (spec §3.3)
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
-        "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "first_conv": "conv1", "classifier": "classifier", **kwargs,
-    }
+def _cfg(width: int) -> SuiteCfg:
+    return SuiteCfg(
+        num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875, interpolation="bicubic",
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), first_conv="conv1", classifier="classifier",
+        seg_embed_dim=_SEG_EMBED_DIM[width], flop_family="hrvit",
+    )
 
 
-default_cfgs = generate_default_cfgs({name: _cfg() for name in _VARIANTS})
+default_cfgs = generate_default_cfgs({name: _cfg(width) for name, (width, _) in _VARIANTS.items()})
 
 
 @register_model
@@ -268,6 +282,3 @@ def hrnet40_mit(pretrained: bool = False, **kwargs: Any) -> HRNetViT:
 def hrnet40_cswin(pretrained: bool = False, **kwargs: Any) -> HRNetViT:
     return _create_hrnet_vit("hrnet40_cswin", pretrained, **kwargs)
 
-
-for _name, (_width, _) in _VARIANTS.items():
-    register_segmentation_backbone(_name, _SEG_EMBED_DIM[_width], flop_family="hrvit")

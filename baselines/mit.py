@@ -14,12 +14,13 @@ from typing import Any
 import torch
 from segmentation_models_pytorch.encoders import mix_transformer as smp_mit
 from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from models.factory import refuse_pretrained, register_segmentation_backbone
+from models.factory import SuiteCfg
 from models.flop_registry import AttentionMacs, register_attention_counter
+from models.weights import build_with_weights, convert_checkpoint
 
 __all__ = ["MiT"]
 
@@ -118,26 +119,34 @@ def _sra_macs(module: smp_mit.Attention, args: tuple, kwargs: dict, output: Any)
     return AttentionMacs(qk=macs, av=macs)
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.9,
-        "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed1.proj", "classifier": "head", **kwargs,
-    }
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: MiT) -> dict[str, torch.Tensor]:
+    """timm filter: NVlabs' ImageNet ``mit_bN.pth`` (its keys are smp's and this model's, so nothing
+    is renamed), SegFormer mmseg checkpoints (``backbone.``) and this suite's checkpoints."""
+    same = dict  # NVlabs and smp share every key name
+    return convert_checkpoint(state_dict, model, {"mit-nvlabs": same, "segformer-mmseg": same},
+                              optional=("head.",), family="MiT")
+
+
+def _cfg(seg_embed_dim: int) -> SuiteCfg:
+    # NVlabs publishes mit_b0..b5 (ImageNet-1K) on Google Drive/OneDrive only, so there is no url here.
+    return SuiteCfg(
+        num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9, interpolation="bicubic",
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), first_conv="patch_embed1.proj", classifier="head",
+        origin_url="https://github.com/NVlabs/SegFormer", seg_embed_dim=seg_embed_dim, flop_family="mit",
+    )
 
 
 # Head widths of the SegFormer configs (spec baselines.md §0.2): 256 for B0/B1, 768 for B2+.
-_SEG_EMBED_DIM = {"mit_b0": 256, "mit_b1": 256, "mit_b2": 768, "mit_b3": 768, "mit_b4": 768}
-
-default_cfgs = generate_default_cfgs({name: _cfg() for name in _SEG_EMBED_DIM})
+default_cfgs = generate_default_cfgs({
+    "mit_b0": _cfg(256), "mit_b1": _cfg(256), "mit_b2": _cfg(768), "mit_b3": _cfg(768), "mit_b4": _cfg(768),
+})
 
 
 def _create_mit(variant: str, pretrained: bool = False, **kwargs: Any) -> MiT:
-    refuse_pretrained(variant, pretrained)
     arch = {k: v for k, v in smp_mit.mix_transformer_encoders[variant]["params"].items() if k != "out_channels"}
     arch.update(kwargs)
-    return build_model_with_cfg(
-        MiT, variant, pretrained,
+    return build_with_weights(
+        MiT, variant, pretrained, checkpoint_filter_fn,
         feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(_STAGES))),
         **arch,
     )
@@ -167,6 +176,3 @@ def mit_b3(pretrained: bool = False, **kwargs: Any) -> MiT:
 def mit_b4(pretrained: bool = False, **kwargs: Any) -> MiT:
     return _create_mit("mit_b4", pretrained, **kwargs)
 
-
-for _name, _dim in _SEG_EMBED_DIM.items():
-    register_segmentation_backbone(_name, _dim, flop_family="mit")

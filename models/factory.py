@@ -1,56 +1,56 @@
 """Model construction by name for every family in the suite, for both tasks.
 
 Classification models are plain timm registrations (``timm.create_model(name)``). Segmentation
-models are the timm backbone with ``features_only=True`` plus the shared SegFormer head, whose
-embedding width each family declares here with ``register_segmentation_backbone``.
+models are the timm backbone with ``features_only=True`` plus the shared SegFormer head.
+
+A suite model is a timm registration whose ``pretrained_cfg`` carries the suite's two per-variant
+fields (timm's place for per-variant metadata): ``seg_embed_dim`` (the SegFormer head width) and
+``flop_family`` (whose counting rule reproduces its published FLOPs, see ``reproduce.flops``).
+The factory reads them from timm; it knows no family. Which families exist is decided in one place,
+the top-level registration point ``hrvit_repro``, which the factory imports on first use so that
+``models.build_model("mit_b1")`` works wherever the suite is installed.
 """
 from __future__ import annotations
 
+import functools
 import importlib
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import timm
+from timm.models import PretrainedCfg, get_pretrained_cfg
 from torch import nn
 
 from models.segmentation import SegmentationModel
 
 Task = Literal["cls", "seg"]
 
-_SEG_EMBED_DIM: dict[str, int] = {}
-_FLOP_FAMILY: dict[str, str] = {}
-_FAMILY_MODULES = ("models.hrvit", "baselines")  # importing these registers every model name
+_REGISTRATION_POINT = "hrvit_repro"
 
 
-def register_segmentation_backbone(name: str, embed_dim: int, flop_family: str) -> None:
-    """Declare that ``name`` (a timm-registered model) gets a SegFormer head of width ``embed_dim``,
-    and that its published FLOPs follow the counting rule of ``flop_family`` (see reproduce.flops)."""
-    _SEG_EMBED_DIM[name] = embed_dim
-    _FLOP_FAMILY[name] = flop_family
+@dataclass
+class SuiteCfg(PretrainedCfg):
+    """timm's pretrained cfg plus the suite's per-variant fields (``generate_default_cfgs`` keeps
+    the subclass, and ``model.pretrained_cfg`` then carries both fields)."""
+
+    seg_embed_dim: int | None = None  # SegFormer head width E of the variant's segmentation model
+    flop_family: str | None = None  # reproduce.flops.PAPER_RULES key of its published FLOPs
 
 
-def refuse_pretrained(variant: str, pretrained: bool) -> None:
-    """No checkpoint of any model in the suite can be downloaded (the official HRViT repo publishes
-    none, and this suite runs offline): fail clearly instead of silently returning random weights."""
-    if pretrained:
-        raise ValueError(
-            f"{variant}: no pretrained weights are available (none are published or reachable offline); "
-            "use pretrained=False and load a checkpoint of your own with `finetune --pretrained PATH`"
-        )
+@functools.cache
+def _register_suite() -> None:
+    importlib.import_module(_REGISTRATION_POINT)
 
 
-def _load_families() -> None:
-    for module in _FAMILY_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:  # a family not present in this checkout
-            if err.name != module:
-                raise
+def _suite_value(name: str, key: str) -> Any:
+    cfg = get_pretrained_cfg(name, allow_unregistered=True)
+    return None if cfg is None else getattr(cfg, key, None)
 
 
 def available_models() -> list[str]:
     """Every model name the suite builds (for both --task cls and --task seg)."""
-    _load_families()
-    return sorted(_SEG_EMBED_DIM)
+    _register_suite()
+    return sorted(n for n in timm.list_models() if _suite_value(n, "seg_embed_dim") is not None)
 
 
 def check_model_name(name: str) -> None:
@@ -62,13 +62,13 @@ def check_model_name(name: str) -> None:
 
 def segmentation_embed_dim(name: str) -> int:
     check_model_name(name)
-    return _SEG_EMBED_DIM[name]
+    return _suite_value(name, "seg_embed_dim")
 
 
 def flop_family(name: str) -> str:
     """The paper-convention family whose counting rule reproduces ``name``'s published FLOPs."""
     check_model_name(name)
-    return _FLOP_FAMILY[name]
+    return _suite_value(name, "flop_family")
 
 
 def build_model(
@@ -85,5 +85,5 @@ def build_model(
         return timm.create_model(name, num_classes=1000 if num_classes is None else num_classes, **model_kwargs)
     if task == "seg":
         backbone = timm.create_model(name, features_only=True, **model_kwargs)
-        return SegmentationModel(backbone, embed_dim or _SEG_EMBED_DIM[name], 19 if num_classes is None else num_classes)
+        return SegmentationModel(backbone, embed_dim or segmentation_embed_dim(name), 19 if num_classes is None else num_classes)
     raise ValueError(f"unknown task {task!r}; use 'cls' or 'seg'")

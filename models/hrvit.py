@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -24,14 +25,15 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.resnet import Bottleneck
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.factory import refuse_pretrained, register_segmentation_backbone
+from models.factory import SuiteCfg
 from models.flop_registry import AttentionMacs, register_attention_counter
+from models.weights import build_with_weights, convert_checkpoint, rename_keys
 
 __all__ = ["HRViT", "HRViTCfg", "HRViTAttn", "ABLATIONS", "ablation_kwargs", "stripe_attention_macs"]
 
@@ -607,9 +609,50 @@ def _init_weights(module: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return dict(
-        url="",  # the official repository publishes no checkpoints
+def _module(m: re.Match) -> int:
+    return int(m[1]) // 2  # the official ``features`` alternate fusion (2m) and stage (2m + 1) of module m
+
+
+_OFFICIAL_BLOCK = {  # official HRViTBlock sub-module -> HRViTBlock here
+    "attn_norm": "norm1", "attn.to_qkv": "attn.qkv", "attn.to_out.0": "attn.proj", "attn.attn_bn": "attn.bn",
+    "attn.parallel_conv.1": "attn.conv", "des.proj_right": "des.right", "des.proj_left": "des.left",
+    "ffn_norm": "norm2", "ffn.fc1": "mlp.fc1", "ffn.conv.conv_3": "mlp.conv3", "ffn.conv.conv_5": "mlp.conv5",
+    "ffn.fc2": "mlp.fc2",
+}
+# Official code (facebookresearch/HRViT models/hrvit.py and its mmseg backbone) -> this file.
+_OFFICIAL_RULES = (
+    (r"stem\.conv1\.(.+)", r"stem.0.\1"),
+    (r"stem\.bn1\.(.+)", r"stem.1.\1"),
+    (r"stem\.conv2\.(.+)", r"stem.3.\1"),
+    (r"stem\.bn2\.(.+)", r"stem.4.\1"),
+    (r"features\.(\d+)\.blocks\.(\d)\.(\d)\.(.+)", lambda m: f"stages.{_module(m)}.fusion.paths.{m[2]}.{m[3]}.{m[4]}"),
+    (r"features\.(\d+)\.patch_embed\.(\d)\.proj\.0\.(.+)", lambda m: f"stages.{_module(m)}.branches.{m[2]}.patch_embed.proj.{m[3]}"),
+    (r"features\.(\d+)\.patch_embed\.(\d)\.proj\.1\.(.+)", lambda m: f"stages.{_module(m)}.branches.{m[2]}.patch_embed.dw.{m[3]}"),
+    (r"features\.(\d+)\.patch_embed\.(\d)\.norm\.(.+)", lambda m: f"stages.{_module(m)}.branches.{m[2]}.patch_embed.norm.{m[3]}"),
+    (r"features\.(\d+)\.norm\.(\d)\.(.+)", lambda m: f"stages.{_module(m)}.branches.{m[2]}.norm.{m[3]}"),
+    *(
+        (rf"features\.(\d+)\.branches\.(\d)\.(\d+)\.{re.escape(theirs)}\.(.+)",
+         functools.partial(lambda ours, m: f"stages.{_module(m)}.branches.{m[2]}.blocks.{m[3]}.{ours}.{m[4]}", ours))
+        for theirs, ours in _OFFICIAL_BLOCK.items()
+    ),
+    (r"head\.incre_modules\.(\d)\.0\.(.+)", r"head.incre.\1.\2"),
+    (r"head\.downsamp_modules\.(.+)", r"head.downsamples.\1"),
+    (r"head\.final_layer\.(.+)", r"head.final_layer.\1"),
+    (r"head\.classifier\.(.+)", r"head.fc.\1"),
+)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: HRViT) -> dict[str, torch.Tensor]:
+    """timm filter: this suite's checkpoints and the official code's (ImageNet, raw or wrapped in
+    state_dict/model/state_dict_ema; mmseg ``backbone.``) into ``model``. The official tensors need
+    renaming only: q/v order, head split, DES and MixConv halves are the same as here."""
+    official = lambda state: rename_keys(state, _OFFICIAL_RULES, "official HRViT")  # noqa: E731
+    return convert_checkpoint(state_dict, model, {"hrvit-official": official, "hrvit-official-mmseg": official},
+                              optional=("head.",), family="HRViT")
+
+
+def _cfg(**kwargs: Any) -> SuiteCfg:
+    return SuiteCfg(
         num_classes=1000,
         input_size=(3, 224, 224),
         pool_size=(7, 7),
@@ -620,19 +663,21 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
         first_conv="stem.0",
         classifier="head.fc",
         license="cc-by-nc-4.0",
+        flop_family="hrvit",
         **kwargs,
     )
 
 
-default_cfgs = generate_default_cfgs({name: _cfg() for name in MODEL_CFGS})
+# No url: the official repository publishes no checkpoints; pretrained=True needs a file (models.weights).
+default_cfgs = generate_default_cfgs({name: _cfg(seg_embed_dim=SEG_EMBED_DIMS[name]) for name in MODEL_CFGS})
 
 
 def _create_hrvit(variant: str, pretrained: bool = False, **kwargs: Any) -> HRViT:
-    refuse_pretrained(variant, pretrained)
-    return build_model_with_cfg(
+    return build_with_weights(
         HRViT,
         variant,
         pretrained,
+        checkpoint_filter_fn,
         model_cfg=MODEL_CFGS[variant],
         feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(NUM_BRANCHES))),
         **kwargs,
@@ -652,7 +697,3 @@ def hrvit_b2(pretrained: bool = False, **kwargs: Any) -> HRViT:
 @register_model
 def hrvit_b3(pretrained: bool = False, **kwargs: Any) -> HRViT:
     return _create_hrvit("hrvit_b3", pretrained, **kwargs)
-
-
-for _name, _embed_dim in SEG_EMBED_DIMS.items():
-    register_segmentation_backbone(_name, _embed_dim, flop_family="hrvit")
