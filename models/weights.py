@@ -230,7 +230,7 @@ def _source(variant: str, kwargs: Mapping[str, Any]) -> tuple[str, str]:
         return "hf-hub", cfg.hf_hub_id
     if cfg.url:
         return "url", cfg.url
-    raise WeightsError(f"{variant}: no weights are built in (none are published for download); "
+    raise WeightsError(f"{variant}: no pretrained weights are built in (none are published for download); "
                        f"point at a downloaded checkpoint: {example} (see README, 'Published weights')")
 
 

@@ -83,3 +83,54 @@ def test_measure_reports_the_fitted_reading_of_hrnet_vit():
     fitted = reproduce.measure.measure_named("hrnet18_mit", "seg", size=(64, 64), conventions=["paper"])
     assert fitted["reading"]["block"] == "mit" and fitted["reading"]["mit_sr"] == "pool"
     assert "reading" not in reproduce.measure.measure_named("hrvit_b1", "seg", size=(64, 64), conventions=["paper"])
+
+
+def _segformer_head(channels: int, embed: int, classes: int) -> int:
+    """Parameters of the SegFormer head on 4 maps of ``channels`` channels in all: 1x1 projections,
+    bias-free fuse conv, fuse BN, classifier."""
+    return channels * embed + 4 * embed + 4 * embed * embed + 2 * embed + embed * classes + classes
+
+
+def test_measure_a_timm_model_as_a_segmentation_backbone(capsys):
+    assert main(["measure", "timm:resnet18", "--task", "seg", "--num-classes", "19", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    # resnet18 without fc (11,689,512 - 513,000) + the E=256 head on its stride-4..32 maps (64+128+256+512 channels)
+    assert result["params"] == 11_176_512 + _segformer_head(960, 256, 19)
+    assert (result["model"], result["flop_family"], result["flop_family_source"]) == ("timm:resnet18", "hrvit", "default")
+    assert result["gflops_fvcore"] > 0 and {"backbone.layer4", "decode_head.linear_fuse"} <= set(result["breakdown"])
+
+
+def test_measure_row_builds_a_users_factory(tmp_path, monkeypatch):
+    (tmp_path / "my_backbones.py").write_text(
+        "import timm\n"
+        "from models.segmentation import SegmentationModel\n\n"
+        "def tiny():\n"
+        "    return timm.create_model('resnet18', features_only=True, out_indices=(1, 2, 3, 4))\n\n"
+        "def complete():\n"
+        "    return SegmentationModel(tiny(), 128, 7)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    row = reproduce.measure.measure_row({"label": "Mine", "model": "my_backbones:tiny", "flop_family": "mit",
+                                         "size": [64, 64]}, conventions=["paper"])
+    timm_row = reproduce.measure.measure_named("timm:resnet18", "seg", size=(64, 64), conventions=["paper"])
+    assert (row["label"], row["flop_family"], row["flop_family_source"]) == ("Mine", "mit", "flag")
+    assert row["params"] == timm_row["params"]
+    complete = reproduce.measure.measure_named("my_backbones:complete", "seg", size=(64, 64), conventions=["paper"])
+    assert complete["params"] == timm_row["params"] - _segformer_head(960, 256, 19) + _segformer_head(960, 128, 7)
+    with pytest.raises(ValueError, match="needs 'label' and 'model'.*unknown: colour"):
+        reproduce.measure.measure_row({"label": "x", "model": "timm:resnet18", "colour": "red"})
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["timm:no_such_model_xyz"], "timm has no model 'no_such_model_xyz'"),
+        (["nosuchpkg.backbones:tiny"], "cannot import 'nosuchpkg.backbones'"),
+        (["reproduce.measure:NOT_THERE"], "reproduce.measure has no callable 'NOT_THERE'"),
+        (["timm:resnet18", "--ablate", "des"], "apply to HRViT models only"),
+    ],
+)
+def test_measure_rejects_bad_external_models_before_building(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(reproduce.measure, "_build", lambda *a, **k: pytest.fail("built a model for a bad request"))
+    assert main(["measure", *argv]) == 2
+    assert message in capsys.readouterr().err

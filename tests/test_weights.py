@@ -323,7 +323,7 @@ def test_a_head_of_another_width_is_dropped_with_a_notice(tmp_path, caplog):
 
 
 def test_pretrained_without_a_source_or_offline_says_what_to_download(tmp_path):
-    with pytest.raises(WeightsError, match=r"no weights are built in .* pretrained_cfg_overlay=dict\(file=PATH\)"):
+    with pytest.raises(WeightsError, match=r"no pretrained weights are built in .* pretrained_cfg_overlay=dict\(file=PATH\)"):
         timm.create_model("cswin_t", pretrained=True)
     with pytest.raises(WeightsError, match=f"weights file {tmp_path}/nope.pth does not exist"):
         _pretrained("cswin_t", tmp_path / "nope.pth")
