@@ -325,18 +325,24 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: CSWin) -> dict[str, 
                               optional=("head.", "stage_norms."), family="CSWin")
 
 
-def _cfg(seg_embed_dim: int) -> SuiteCfg:
-    # Microsoft publishes CSWin-T/S/B/L ImageNet weights on GitHub releases; CSWin-Ti (this paper's
-    # C = 32 variant) has none. No url here: downloads need a file (models.weights).
+_RELEASES = "https://github.com/microsoft/CSWin-Transformer/releases/download/v0.1.0/"
+
+
+def _cfg(seg_embed_dim: int, url: str | None = None) -> SuiteCfg:
     return SuiteCfg(
-        num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.9, interpolation="bicubic",
+        url=url, num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.9, interpolation="bicubic",
         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), first_conv="stages.0.embed.proj", classifier="head",
         origin_url="https://github.com/microsoft/CSWin-Transformer", seg_embed_dim=seg_embed_dim, flop_family="cswin",
     )
 
 
-# SegFormer head width reproducing Table 4 (spec baselines.md §2.3): 256 for Ti/T, 768 for S.
-default_cfgs = generate_default_cfgs({"cswin_ti": _cfg(256), "cswin_t": _cfg(256), "cswin_s": _cfg(768)})
+# SegFormer head width reproducing Table 4 (spec baselines.md §2.3): 256 for Ti/T, 768 for S. Microsoft
+# publishes ImageNet-1K weights of CSWin-T and CSWin-S; CSWin-Ti (this paper's C = 32 variant) has none.
+default_cfgs = generate_default_cfgs({
+    "cswin_ti": _cfg(256),
+    "cswin_t": _cfg(256, _RELEASES + "cswin_tiny_224.pth"),
+    "cswin_s": _cfg(768, _RELEASES + "cswin_small_224.pth"),
+})
 
 
 def _create_cswin(variant: str, pretrained: bool = False, **kwargs: Any) -> CSWin:

@@ -51,7 +51,7 @@ _WRAPPERS = ("model_state", "state_dict_ema", "model_ema", "state_dict", "model"
 _logger = logging.getLogger(__name__)
 
 Converter = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
-RenameRules = Iterable[tuple[str, str]]
+RenameRules = Iterable[tuple[str, "str | Callable[[re.Match], str]"]]  # (regex, re.sub replacement)
 
 
 class WeightsError(ValueError):
@@ -255,8 +255,10 @@ def build_with_weights(model_cls: Callable[..., nn.Module], variant: str, pretra
     except (OSError, ConnectionError) as err:
         if kind == "file":
             raise
-        raise WeightsError(f"{variant}: cannot download {location} ({type(err).__name__}); on a machine with "
-                           f"internet, download it, copy it here and pass pretrained_cfg_overlay=dict(file=PATH)") from err
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(str(location)).name
+        raise WeightsError(f"{variant}: cannot download {location} ({type(err).__name__}); download it on a machine "
+                           f"with internet and put it at {cache} (timm's cache) or pass "
+                           f"pretrained_cfg_overlay=dict(file=PATH)") from err
     for module in model.modules():  # keep the weights once, in the model (a feature wrapper holds two cfgs)
         if isinstance(getattr(module, "pretrained_cfg", None), dict):
             module.pretrained_cfg.pop("state_dict", None)

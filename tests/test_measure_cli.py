@@ -134,3 +134,21 @@ def test_measure_rejects_bad_external_models_before_building(argv, message, caps
     monkeypatch.setattr(reproduce.measure, "_build", lambda *a, **k: pytest.fail("built a model for a bad request"))
     assert main(["measure", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def _readme_python(heading: str) -> str:
+    """The python code block of one README subsection."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split(f"\n{heading}\n", 1)[1].split("\n#", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_add_your_model_example_runs(capsys):
+    exec(compile(_readme_python("### Your own model"), "README.md", "exec"), {})
+    label, params, _, source = capsys.readouterr().out.split()
+    assert (label, int(params), source) == ("ResNet-18", 11_176_512 + _segformer_head(960, 256, 19), "flag")
+
+
+def test_readme_published_weights_example_runs(capsys):
+    exec(compile(_readme_python("### Which weights exist"), "README.md", "exec"), {})
+    assert capsys.readouterr().out.split()[-1] == "hrvit-repro"

@@ -324,8 +324,9 @@ def test_a_head_of_another_width_is_dropped_with_a_notice(tmp_path, caplog):
 
 def test_pretrained_without_a_source_or_offline_says_what_to_download(tmp_path):
     with pytest.raises(WeightsError, match=r"no pretrained weights are built in .* pretrained_cfg_overlay=dict\(file=PATH\)"):
-        timm.create_model("cswin_t", pretrained=True)
+        timm.create_model("cswin_ti", pretrained=True)  # CSWin-T and -S have release URLs, Ti has none
+    assert timm.models.get_pretrained_cfg("cswin_t").url.endswith("/v0.1.0/cswin_tiny_224.pth")
     with pytest.raises(WeightsError, match=f"weights file {tmp_path}/nope.pth does not exist"):
         _pretrained("cswin_t", tmp_path / "nope.pth")
-    with pytest.raises(WeightsError, match=r"cannot download http://127.0.0.1:9/mit_b0.pth .* pretrained_cfg_overlay"):
+    with pytest.raises(WeightsError, match=r"cannot download http://127.0.0.1:9/mit_b0.pth .* put it at .*/checkpoints/mit_b0.pth"):
         timm.create_model("mit_b0", pretrained=True, pretrained_cfg_overlay=dict(url="http://127.0.0.1:9/mit_b0.pth"))
