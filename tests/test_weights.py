@@ -288,6 +288,14 @@ def test_hrnet_vit_takes_suite_checkpoints_only(tmp_path):
     target = build_model("hrnet18_mit", task="seg", num_classes=5).eval()
     load_segmentation_weights(target, path, "hrnet18_mit")
     _assert_same_outputs(source, target)
+    classifier = _cls("hrnet18_mit")  # a pretrain run's checkpoint initialises the segmentation backbone
+    torch.save({"format": "hrvit-repro-checkpoint/1", "task": "cls", "model": "hrnet18_mit",
+                "model_state": classifier.state_dict()}, path)
+    record = load_backbone_weights(target, path, "hrnet18_mit")
+    assert record["kept_init"] == [] and record["loaded"] == len(target.backbone.state_dict())
+    expected = classifier.state_dict()
+    for key, value in target.backbone.state_dict().items():
+        assert torch.equal(value, expected[key]), key
     official = tmp_path / "cswin.pth"
     torch.save({_official_cswin_key(k): v for k, v in _cls("cswin_ti").state_dict().items()}, official)
     with pytest.raises(WeightsError, match="HRNet-ViT models cannot load a cswin-official checkpoint; accepted formats: hrvit-repro$"):
