@@ -3,8 +3,9 @@
 The paper only says it "directly replace[s] residual blocks in HRNetV2 with MiT/CSWin Transformer
 blocks". This file builds timm's HRNetV2 through its public constructor (stem, 4-Bottleneck stage 1,
 transitions, fuse layers, module counts, classification head) and then gives every branch of
-stages 2-4 its own transformer blocks in place of the BasicBlocks. The reading is spec baselines.md §3.4's fit, with every choice a keyword
-switch and these defaults ("fitted to Table 6 params within 3 %"):
+stages 2-4 its own transformer blocks in place of the BasicBlocks. The reading is spec baselines.md
+§3.4's fit, with every choice a keyword switch and these defaults ("fitted to Table 6 params within
+3 %"):
 
 * ``block``: 'mit' (smp's MiT block: SRA attention + Mix-FFN, so MiT itself and HRNet-MiT share one
   block) or 'cswin' (this project's CSWin block: stripe widths 1/2/7/7, the last branch global);
