@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import logging
 import re
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
-from timm.models import clean_state_dict
+from timm.models import build_model_with_cfg, clean_state_dict, model_entrypoint, resolve_pretrained_cfg
 from torch import nn
 
 __all__ = [
@@ -218,8 +219,6 @@ def convert_checkpoint(
 def _source(variant: str, kwargs: Mapping[str, Any]) -> tuple[str, str]:
     """(kind, location) of the weights ``pretrained=True`` would load; fails before any build when
     there is none or the file is missing."""
-    from timm.models import resolve_pretrained_cfg
-
     cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     example = f"timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))"
     if cfg.file:
@@ -242,8 +241,6 @@ def build_with_weights(model_cls: Callable[..., nn.Module], variant: str, pretra
     A file is read here (``read_checkpoint``) and handed to timm as the cfg's ``state_dict``:
     timm's own reader would take the run name under a suite checkpoint's ``model`` key for weights.
     """
-    from timm.models import build_model_with_cfg
-
     if not pretrained:
         return build_model_with_cfg(model_cls, variant, False, **kwargs)
     kind, location = _source(variant, kwargs)
@@ -272,11 +269,7 @@ def build_with_weights(model_cls: Callable[..., nn.Module], variant: str, pretra
 
 def _filter_fn(name: str) -> Callable[[dict, nn.Module], dict]:
     """The ``checkpoint_filter_fn`` of the family that registered ``name`` with timm."""
-    import importlib
-
-    import timm
-
-    return importlib.import_module(timm.models.model_entrypoint(name).__module__).checkpoint_filter_fn
+    return importlib.import_module(model_entrypoint(name).__module__).checkpoint_filter_fn
 
 
 def _unwrapped(backbone: nn.Module) -> nn.Module:
