@@ -6,6 +6,8 @@ logic: tolerance flags, smoke labelling, provenance, LaTeX rules, and the claims
 from __future__ import annotations
 
 import csv
+import shutil
+import subprocess
 import json
 from pathlib import Path
 
@@ -315,3 +317,25 @@ def test_cli_rejects_unknown_names(capsys):
 
     assert main(["tables", "table9"]) == 2
     assert "table5_ablation" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------- LaTeX
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None,
+                    reason="pdflatex not installed (Debian: apt-get install texlive-latex-recommended; .ci/run does)")
+@pytest.mark.parametrize("name", list(TABLES))
+def test_generated_latex_compiles(tmp_path, name):
+    """Every table, with smoke, partial and fitted cells and its footnotes, compiles in a minimal document."""
+    table = TABLES[name]
+    measured = {r.label: {**_measure(8_000_000 + i, 10.0 + i, 11.0 + i), "reading": {"block": "mit"}} for i, r in enumerate(table.rows)}
+    write_results(tmp_path / "r", name, measured, profile="paper", dataset="real", recipe_change={"iters": 1000, "epochs": 5})
+    write_table(table, build_records(table, tmp_path / "r"), tmp_path)
+    tex = (tmp_path / f"{name}.tex").read_text()
+    packages = tex.splitlines()[1].removeprefix("% Needs: ")
+    (tmp_path / "doc.tex").write_text("\\documentclass{article}\n" + packages + "\n\\begin{document}\n"
+                                      f"\\input{{{name}.tex}}\n\\end{{document}}\n")
+    run = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert (tmp_path / "doc.pdf").stat().st_size > 1000
