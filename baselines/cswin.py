@@ -1,7 +1,7 @@
 """CSWin Transformer (Dong et al., CVPR 2022) as timm models: cswin_ti, cswin_t, cswin_s.
 
-CSWin is in neither timm nor any package (spec baselines.md §2.2), so it is written here from the
-spec (§2.1), following the official segmentation backbone so that one model serves both tasks:
+CSWin is in neither timm nor any package (docs/baseline-models.md#cswin), so it is written here from the
+official code, following the official segmentation backbone so that one model serves both tasks:
 
 * conv stem (7x7, stride 4, padding 2) + LayerNorm; between stages a 3x3 stride-2 conv + LayerNorm;
 * each block: LN -> qkv -> channels split in two halves, vertical and horizontal stripes of width
@@ -302,7 +302,7 @@ _CONFIGS = {
     "cswin_t": CSWinConfig(embed_dim=64, depths=(1, 2, 21, 1), num_heads=(2, 4, 8, 16)),
     "cswin_s": CSWinConfig(embed_dim=64, depths=(2, 4, 32, 2), num_heads=(2, 4, 8, 16)),
 }
-# SegFormer head width reproducing Table 4 (spec baselines.md §2.3): 256 for Ti/T, 768 for S.
+# SegFormer head width reproducing Table 4 (docs/baseline-models.md#cswin): 256 for Ti/T, 768 for S.
 _SEG_EMBED_DIM = {"cswin_ti": 256, "cswin_t": 256, "cswin_s": 768}
 
 

@@ -16,7 +16,7 @@
 #
 # What each removed technique costs or saves relative to the full HRViT-b1, in the paper and in our
 # regenerated table, and where in the network the parameters and FLOPs move (per-module breakdown of
-# the measurements in `results/measure/table5_ablation.json`). Readings of each row: spec/ablations.md.
+# the measurements in `results/measure/table5_ablation.json`). Readings of each row: docs/table5-readings.md.
 
 # %% tags=["parameters"]
 TABLES_DIR = None  # default: tables/ of this checkout

@@ -76,7 +76,7 @@ print("our mIoU cells have status:", profiles)
 
 # %% [markdown]
 # ## Efficiency ledger by convention
-# `paper` is the paper's counting convention (spec/hrvit.md §4.5); `fvcore` counts every multiply-add of
+# `paper` is the paper's counting convention (docs/flop-convention.md); `fvcore` counts every multiply-add of
 # the traced graph, including normalisation and interpolation. `ok` is the tolerance check against the
 # printed cell (params ±0.05 M, GFLOPs ±1 %; HRNet-ViT baselines 3 % / 5 %).
 
