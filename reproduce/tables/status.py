@@ -12,7 +12,9 @@ flags are the contract), so there is one source for its values.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -23,12 +25,12 @@ from typing import Any
 # deterministic, threads, num_workers, checkpoint_every, log_every, eval_batch_size, synthetic_size.
 RESULT_KEYS: dict[str, tuple[str, ...]] = {
     "pretrain": (
-        "epochs", "warmup_epochs", "cooldown_epochs", "warmup_lr", "min_lr", "batch_size", "lr", "weight_decay",
+        "lr_scale", "epochs", "warmup_epochs", "cooldown_epochs", "warmup_lr", "min_lr", "batch_size", "lr", "weight_decay",
         "clip_grad", "image_size", "drop_path", "head_drop", "mixup", "cutmix", "smoothing", "auto_augment",
         "reprob", "color_jitter", "train_interpolation", "eval_crop_pct", "eval_interpolation",
     ),
     "finetune": (
-        "iters", "warmup_iters", "warmup_ratio", "batch_size", "lr", "head_lr_mult", "weight_decay", "poly_power",
+        "lr_scale", "iters", "warmup_iters", "warmup_ratio", "batch_size", "lr", "head_lr_mult", "weight_decay", "poly_power",
         "min_lr", "crop_size", "drop_path", "ratio_range", "cat_max_ratio", "flip_prob", "photometric",
         "test_mode", "test_crop", "test_stride",
     ),
@@ -53,10 +55,11 @@ def paper_recipe(kind: str, model: str) -> dict[str, Any]:
     module = pretrain if kind == "pretrain" else finetune
     parser = argparse.ArgumentParser()
     module.add_arguments(parser)
-    args = parser.parse_args(["--model", model, "--profile", "paper", "--dataset", REAL_DATASET[kind],
-                              "--data-root", "unused", "--output", "unused"])
-    recipe, _, _ = module.validate(args)
-    return recipe
+    with tempfile.TemporaryDirectory() as root:  # validation may check that the data root exists
+        args = parser.parse_args(["--model", model, "--profile", "paper", "--dataset", REAL_DATASET[kind],
+                                  "--data-root", root, "--output", str(Path(root) / "out")])
+        recipe, _, _ = module.validate(args)
+    return dataclasses.asdict(recipe) if dataclasses.is_dataclass(recipe) else dict(recipe)
 
 
 def init_of(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -80,6 +83,8 @@ def recipe_deviations(kind: str, recipe: dict[str, Any], paper: dict[str, Any]) 
     """``"key ours (paper value)"`` for every result-changing key that differs from the paper recipe."""
     out = []
     for key in RESULT_KEYS["pretrain" if kind == "pretrain" else "finetune"]:
+        if key not in paper:  # a key this version of the training commands does not have
+            continue
         if key not in recipe:
             out.append(f"{key} not recorded (paper {paper.get(key)})")
         elif not _same(recipe[key], paper.get(key)):
