@@ -339,3 +339,15 @@ def test_generated_latex_compiles(tmp_path, name):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-3000:]
     assert (tmp_path / "doc.pdf").stat().st_size > 1000
+
+
+def test_table5_figure_of_deltas(t5_records, tmp_path):
+    from reproduce.tables.figure import ablation_deltas, accuracy_label, plot_ablation
+
+    paper = ablation_deltas(t5_records, "HRViT-b1", "paper")
+    assert paper["params_m"]["- MixCFN"] == pytest.approx(7.9 - 8.1) and paper["cityscapes_miou"]["- MixCFN"] == pytest.approx(80.52 - 81.63)
+    ours = ablation_deltas(t5_records, "HRViT-b1", "ours")
+    assert ours["params_m"] == {"- MixCFN": pytest.approx(8.3 - 8.149451)}  # only measured rows
+    assert ours["imagenet_top1"]["- DES"] == 0.0 and accuracy_label(t5_records) == "ours: smoke†"
+    paths = plot_ablation(t5_records, "HRViT-b1", tmp_path / "t5")
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[1].read_bytes()[:4] == b"%PDF"

@@ -75,3 +75,58 @@ def plot(records: Sequence[Record], out_stem: Path) -> list[Path]:
         fig.savefig(path, dpi=150)
     plt.close(fig)
     return paths
+
+
+# ----------------------------------------------------------------------------------------- Table 5
+
+ABLATION_PANELS = (("params_m", "Δ params (M)"), ("gflops", "Δ GFLOPs (paper convention)"),
+                   ("imagenet_top1", "Δ ImageNet top-1 (pt)"), ("cityscapes_miou", "Δ Cityscapes mIoU (pt)"))
+
+
+def ablation_deltas(records: Sequence[Record], base: str, which: str) -> dict[str, dict[str, float]]:
+    """Per column: row -> value minus the full model's (``which``: "paper" or "ours"), rows with both values."""
+    cells = {(r["row"], r["column"]): r for r in records}
+    out: dict[str, dict[str, float]] = {}
+    for column, _ in ABLATION_PANELS:
+        reference = cells.get((base, column), {}).get(which)
+        for (row, col), r in cells.items():
+            if col == column and row != base and is_number(reference) and is_number(r.get(which)):
+                out.setdefault(column, {})[row] = r[which] - reference
+    return out
+
+
+def accuracy_label(records: Sequence[Record]) -> str:
+    """What our accuracy bars are: 'reproduction', or the statuses with a dagger (not the paper's data)."""
+    statuses = sorted({r["status"] for r in records if r["kind"] == "accuracy" and r.get("ours") is not None})
+    if not statuses:
+        return "ours: no accuracy runs"
+    return "ours: " + "+".join(s if s == "reproduction" else f"{s}†" for s in statuses)
+
+
+def plot_ablation(records: Sequence[Record], base: str, out_stem: Path) -> list[Path]:
+    """Table 5 as a figure: each ablation's change against the full model, paper and ours side by side.
+    Writes ``out_stem``.png and .pdf."""
+    paper, ours = ablation_deltas(records, base, "paper"), ablation_deltas(records, base, "ours")
+    rows = [r["row"] for r in records if r["column"] == ABLATION_PANELS[0][0] and r["row"] != base]
+    label = accuracy_label(records)
+    fig, axes = plt.subplots(1, len(ABLATION_PANELS), figsize=(14, 4.2), sharey=True, constrained_layout=True)
+    positions = range(len(rows))
+    for ax, (column, title) in zip(axes, ABLATION_PANELS):
+        accuracy = column not in ("params_m", "gflops")
+        for offset, source, name, color in ((-0.2, paper, "paper", "tab:gray"),
+                                            (0.2, ours, label if accuracy else "ours (measured)", "tab:red")):
+            values = [source.get(column, {}).get(row, float("nan")) for row in rows]
+            ax.barh([p + offset for p in positions], values, height=0.4, color=color, label=name)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_yticks(list(positions), rows, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle(f"Table 5: each ablation minus {base} (accuracy bars, {label}; † = not the paper's data or recipe, "
+                 "docs/statuses.md)", fontsize=9)
+    paths = [out_stem.with_suffix(".png"), out_stem.with_suffix(".pdf")]
+    for path in paths:
+        fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return paths
