@@ -351,3 +351,33 @@ def test_table5_figure_of_deltas(t5_records, tmp_path):
     assert ours["imagenet_top1"]["- DES"] == 0.0 and accuracy_label(t5_records) == "ours: smoke†"
     paths = plot_ablation(t5_records, "HRViT-b1", tmp_path / "t5")
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[1].read_bytes()[:4] == b"%PDF"
+
+
+def test_all_backbones_at_one_setting(tmp_path):
+    """Table 4: HRViT rows are measured at 19 classes already; MiT/CSWin come from the fair rows."""
+    table = TABLES["table4_cityscapes"]
+    measured = {"HRViT-b1": _measure(8_149_451, 14.083, 15.448), "MiT-B1": {**_measure(13_700_000, 15.9, 16.2), "num_classes": 150}}
+    write_results(tmp_path, table.name, measured)
+    path = measure_path(tmp_path, table.name)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "fair_rows": {"MiT-B1": _measure(13_680_000, 15.35, 15.6)}}))
+    records = build_records(table, tmp_path)
+    assert cell(records, "MiT-B1", "params_m")["fair_params_m"] == pytest.approx(13.68)
+    assert cell(records, "HRViT-b1", "gflops")["fair_gflops_fvcore"] == 15.448  # its paper setting is the fair one
+    md = to_markdown(table, records)
+    fair = md.split("## All backbones at one setting")[1].split("##")[0]
+    assert "seg 19 classes at 512x512" in fair and "| MiT-B1 " in fair and "15.60" in fair and "15.45" in fair
+    assert "not measured" in fair  # the rows without a measurement say so
+    assert "## All backbones at one setting" not in to_markdown(T5, build_records(T5, tmp_path))  # one family only
+
+
+def test_figure5_under_one_counting_rule(tmp_path):
+    from reproduce.tables.figure import series
+
+    table = TABLES["fig5_ade20k"]
+    measured = {r.label: {**_measure(10_000_000 + i, 10.0 + i, 20.0 + i), "num_classes": 150} for i, r in enumerate(table.rows)}
+    write_results(tmp_path, table.name, measured, metric=30.0)
+    records = build_records(table, tmp_path)
+    paper_x = {name: x for points in series(records, "gflops", "paper", "fvcore").values() for x, _, name in points}
+    assert paper_x["MiT-B0"] == 20.0 and paper_x["HRViT-b1"] == 25.0  # our fvcore count, beside the paper's mIoU
+    paths = plot(records, tmp_path / "fig5_fvcore", convention="fvcore")
+    assert all(p.stat().st_size > 1000 for p in paths)

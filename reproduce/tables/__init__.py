@@ -2,7 +2,7 @@
 
 Reads the pipeline's results (``results/measure``, ``results/pretrain``, ``results/finetune``) and the
 paper's cells (``tables/paper``), and writes ``tables/<name>.{md,tex,csv,json}``,
-``tables/metrics/<name>.json`` (DVC metrics), ``tables/fig5_ade20k.{png,pdf}``,
+``tables/metrics/<name>.json`` (DVC metrics), ``tables/fig5_ade20k{,_fvcore}.{png,pdf}``,
 ``tables/table5_ablation_deltas.{png,pdf}`` (Table 5 as a figure) and ``tables/claims.{md,json}``.
 Missing results give cells marked as missing rather than an error, so a partial run still renders.
 """
@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
             from reproduce.tables.figure import plot
 
             written += plot(records, args.out / FIGURE)
+            written += plot(records, args.out / f"{FIGURE}_fvcore", convention="fvcore")  # one counting rule for all
         if name == ABLATION:
             from reproduce.tables.figure import plot_ablation
 

@@ -83,6 +83,16 @@ def _efficiency(table: Table, row: Row, column: str, paper: float | None, measur
     return record
 
 
+def fair_view(row: Row, column: str, measured: dict[str, Any] | None) -> Record:
+    """The row measured at its table's one shared setting: params, or GFLOPs under the paper convention
+    (each family's own rule) and under fvcore (one rule for every family). Empty when not measured."""
+    if measured is None:
+        return {}
+    if column == "params_m":
+        return {"fair_params_m": measured["params"] / 1e6}
+    return {"fair_gflops_paper": measured["gflops"]["paper"], "fair_gflops_fvcore": measured["gflops"]["fvcore"]}
+
+
 def _setting(measured: dict[str, Any]) -> str:
     """The measured configuration in words, e.g. 'seg 19 cls 512x512 windows 1-2-9-9 ablate mixcfn'."""
     text = f"{measured['task']} {measured['num_classes']} cls {measured['size'][0]}x{measured['size'][1]}"
@@ -118,7 +128,8 @@ def _accuracy(row: Row, column: str, results: Path) -> Record:
 def build_records(table: Table, results: Path, paper_dir: Path = PAPER_DIR) -> list[Record]:
     """Every cell of ``table``: paper value, ours, difference, tolerance flag and provenance."""
     paper = paper_frame(table, paper_dir)
-    measured = (_read_json(measure_path(results, table.name)) or {}).get("rows", {})
+    measurement = _read_json(measure_path(results, table.name)) or {}
+    measured, fair = measurement.get("rows", {}), measurement.get("fair_rows", {})
     records = []
     for row in table.rows:
         for column in table.columns:
@@ -130,6 +141,8 @@ def build_records(table: Table, results: Path, paper_dir: Path = PAPER_DIR) -> l
                     record["diff"] = record["ours"] - paper_value  # no difference to the paper for anything else
             else:
                 record = _efficiency(table, row, column, paper_value, measured.get(row.label))
+                if table.fair is not None:
+                    record.update(fair_view(row, column, measured.get(row.label) if row.measure == table.fair else fair.get(row.label)))
             records.append({"table": table.name, "row": row.label, "column": column, "paper": paper_value,
                             "note": row.note, **record})
     return records

@@ -19,6 +19,9 @@ from reproduce.tables.spec import family  # noqa: E402
 
 COLORS = {"HRViT": "tab:red", "MiT": "tab:blue", "CSWin": "tab:green"}
 AXES = (("params_m", "Params (M)"), ("gflops", "GFLOPs (paper convention, 512x512)"))
+# x of the GFLOPs panel per convention: the paper's own (each family's rule) or fvcore (one rule for all)
+GFLOPS_LABEL = {"paper": "GFLOPs (paper convention: each family's rule, 512x512)",
+                "fvcore": "GFLOPs (fvcore, one rule for every family, 512x512; ours measured)"}
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -30,14 +33,17 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     return front
 
 
-def series(records: Sequence[Record], x_column: str, which: str) -> dict[str, list[tuple[float, float, str]]]:
-    """Per family: (x, mIoU, row label) from the paper's cells or ours, rows with both values only."""
+def series(records: Sequence[Record], x_column: str, which: str, convention: str = "paper") -> dict[str, list[tuple[float, float, str]]]:
+    """Per family: (x, mIoU, row label) from the paper's cells or ours, rows with both values only. Under
+    ``convention="fvcore"`` the GFLOPs of both series are our fvcore measurement (the paper gives none)."""
     cells = {(r["row"], r["column"]): r for r in records}
     out: dict[str, list[tuple[float, float, str]]] = {}
     for (row, column), r in cells.items():
         if column != "ade20k_miou":
             continue
-        x, y = cells[row, x_column].get(which), r.get(which)
+        x_cell = cells[row, x_column]
+        x = x_cell.get("gflops_fvcore") if x_column == "gflops" and convention == "fvcore" else x_cell.get(which)
+        y = r.get(which)
         if is_number(x) and is_number(y):
             out.setdefault(family(row), []).append((x, y, row))
     return out
@@ -49,13 +55,14 @@ def ours_label(records: Sequence[Record]) -> str:
     return "ours" + (f" ({'+'.join(profiles)} profile: not a reproduction)" if profiles else "")
 
 
-def plot(records: Sequence[Record], out_stem: Path) -> list[Path]:
-    """Write ``out_stem``.png and .pdf."""
+def plot(records: Sequence[Record], out_stem: Path, convention: str = "paper") -> list[Path]:
+    """Write ``out_stem``.png and .pdf; ``convention="fvcore"`` counts every family's GFLOPs by one rule."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), constrained_layout=True)
     label_ours = ours_label(records)
     for ax, (column, xlabel) in zip(axes, AXES):
+        xlabel = GFLOPS_LABEL[convention] if column == "gflops" else xlabel
         for which, style, marker in (("paper", "-", "o"), ("ours", "--", "s")):
-            for fam, points in sorted(series(records, column, which).items()):
+            for fam, points in sorted(series(records, column, which, convention).items()):
                 color = COLORS.get(fam, "tab:gray")
                 xs, ys = zip(*pareto_front([(x, y) for x, y, _ in points]))
                 ax.plot(xs, ys, style, color=color, alpha=0.8)

@@ -66,6 +66,7 @@ class Table:
     columns: tuple[str, ...]  # CSV value columns, in paper order
     rows: tuple[Row, ...]
     notes: tuple[str, ...] = ()
+    fair: Measure | None = None  # the one setting of the "all backbones at one setting" view (None: rows differ in none)
 
     def row(self, label: str) -> Row:
         for row in self.rows:
@@ -126,6 +127,7 @@ TABLES: dict[str, Table] = {
             ),
             ("MiT/CSWin params/GFLOPs are the 150-class (ADE20K-config) figures, as printed in the paper; "
              "HRViT's are 19-class. HRViT-b3 uses windows 1-2-9-9 (paper text).",),
+            fair=SEG19,
         ),
         Table(
             "table5_ablation", "Table 5: HRViT-b1 ablation (ImageNet top-1, Cityscapes mIoU)", "table5_ablation.csv",
@@ -143,6 +145,7 @@ TABLES: dict[str, Table] = {
             ),
             ("HRNet-ViT rows are a construction fitted to this table's params/GFLOPs (docs/hrnet-vit-fit.md): "
              "their efficiency cells show the signed difference, marked fitted, with no tolerance verdict.",),
+            fair=SEG19,
         ),
         Table(
             "table7_window", "Table 7: HRViT-b3 window size of the MR/LR branches (Cityscapes)", "table7_window.csv",
@@ -157,6 +160,7 @@ TABLES: dict[str, Table] = {
                     note="" if label not in CSWIN else "no ADE20K mIoU in the paper; efficiency only")
                 for label, run in {**MIT, **HRVIT, **CSWIN}.items()
             ),
+            fair=SEG150,
         ),
     )
 }
