@@ -39,7 +39,8 @@ base = "HRViT-b1"
 # %% [markdown]
 # ## Deltas against the full model
 # Params and GFLOPs in percent (variant / full − 1); top-1 and mIoU in points (variant − full).
-# Accuracy deltas from a smoke-profile run say nothing about the paper's claims.
+# Accuracy deltas from runs that are not reproductions (smoke, proxy, partial: docs/statuses.md) say
+# nothing about the paper's claims; proxy cells are means over seeds on generated data.
 
 # %%
 def deltas(which: str) -> pd.DataFrame:

@@ -1,8 +1,8 @@
 """Figure 5: ADE20K mIoU against params and against GFLOPs, per backbone family, paper values and ours.
 
 Each family gets its Pareto front (points not beaten by a smaller model of the same family): solid for
-the paper's values, dashed for ours. Our mIoU is labelled with its profile; a smoke-profile point shows
-that the pipeline runs, not the paper's accuracy.
+the paper's values, dashed for ours. Our mIoU is labelled with its status (docs/statuses.md); a smoke
+point shows that the pipeline runs, not the paper's accuracy.
 """
 from __future__ import annotations
 
@@ -50,9 +50,9 @@ def series(records: Sequence[Record], x_column: str, which: str, convention: str
 
 
 def ours_label(records: Sequence[Record]) -> str:
-    profiles = sorted({r["profile"] for r in records if r["column"] == "ade20k_miou" and r.get("ours") is not None
+    statuses = sorted({r["status"] for r in records if r["column"] == "ade20k_miou" and r.get("ours") is not None
                        and r["status"] != "reproduction"})
-    return "ours" + (f" ({'+'.join(profiles)} profile: not a reproduction)" if profiles else "")
+    return "ours" + (f" ({'+'.join(statuses)}†: not a reproduction)" if statuses else "")
 
 
 def plot(records: Sequence[Record], out_stem: Path, convention: str = "paper") -> list[Path]:
