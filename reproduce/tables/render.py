@@ -178,8 +178,8 @@ def fair_section(table: Table, records: Sequence[Record]) -> list[str]:
         return []
     m = table.fair
     frame = fair_table(table, records)
-    text = (f"The paper's rows above were measured at different settings. Here every backbone is measured at one: "
-            f"{m.task} {m.num_classes} classes at {m.size[0]}x{m.size[1]}, each family's SegFormer head width rule. "
+    text = (f"Every backbone measured at one setting: {m.task} {m.num_classes} classes at {m.size[0]}x{m.size[1]}, "
+            "each family with its own SegFormer head-width rule. "
             "The paper convention keeps each family's counting rule (docs/flop-convention.md#per-family); fvcore "
             "counts every family by one rule, so compare across families in that column.")
     body = frame.to_markdown(index=False) if not frame.empty else \
