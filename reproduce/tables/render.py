@@ -184,7 +184,12 @@ def fair_section(table: Table, records: Sequence[Record]) -> list[str]:
             "counts every family by one rule, so compare across families in that column.")
     body = frame.to_markdown(index=False) if not frame.empty else \
         "Not measured yet: the table's measure stage writes these rows (`fair_rows` of `results/measure/<table>.json`)."
-    return ["", "## All backbones at one setting", "", text, "", body]
+    parts = ["", "## All backbones at one setting", "", text, "", body]
+    if not frame.empty and frame.isin(["not measured"]).any().any():
+        parts += ["", f"Rows marked 'not measured' have no measurement at this setting in `results/measure/{table.name}.json` "
+                      f"(`fair_rows`); `python -m reproduce measure MODEL --task {m.task} --num-classes {m.num_classes}` "
+                      "prints them."]
+    return parts
 
 
 def provenance(records: Sequence[Record]) -> pd.DataFrame:
