@@ -17,8 +17,8 @@ import pytest
 from reproduce.tables import claims as ledger
 from reproduce.tables.cells import build_records, measure_path, run_metrics_path
 from reproduce.tables.figure import pareto_front, plot
-from reproduce.tables.render import format_cell, headline_metrics, to_markdown, write_table
-from reproduce.tables.spec import PAPER_DIR, SEG19, SEG150, TABLES, runs_needed
+from reproduce.tables.render import format_cell, headline_metrics, legend, to_markdown, write_table
+from reproduce.tables.spec import COUNTING_RULES, PAPER_DIR, SEG19, SEG150, TABLES, model_family, runs_needed
 from reproduce.tables.status import init_of, paper_recipe, run_status
 
 T5 = TABLES["table5_ablation"]
@@ -198,6 +198,15 @@ def test_outputs_layout_latex_and_metrics(t5_records, tmp_path):
     # accuracy only under its status: nothing outside "accuracy.smoke" carries a smoke number
     assert set(metrics["accuracy"]) == {"smoke"} and metrics["accuracy"]["smoke"]["HRViT-b1"]["imagenet_top1"] == 12.5
     assert all(set(cols) <= {"params_m", "gflops"} for cols in metrics["ours"].values())
+
+
+def test_every_legend_states_the_counting_rule_of_each_family_in_it():
+    for table in TABLES.values():
+        text = legend(table)
+        assert "±0.05 M" in text and "±1%" in text
+        for row in table.rows:
+            assert f"{model_family(row.model)}: {COUNTING_RULES[model_family(row.model)]}" in text, (table.name, row.label)
+    assert "HRViT: mmcv-1.3" in legend(TABLES["table7_window"])  # rows labelled by window size
 
 
 def test_table_rows_follow_the_paper_and_measure_the_papers_setting():

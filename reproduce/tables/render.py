@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from reproduce.tables.cells import Record, is_number
-from reproduce.tables.spec import COUNTING_RULES, DEFAULT_TOLERANCE, PAPER_DIR, Table, family
+from reproduce.tables.spec import COUNTING_RULES, DEFAULT_TOLERANCE, PAPER_DIR, Table, family, model_family
 from reproduce.tables.status import PARTIAL, REPRODUCTION
 
 HEADERS = {
@@ -40,8 +40,8 @@ GENERATED = ("generated data (reproduce/data/synthetic.py: shapes in the ImageNe
 def legend(table: Table) -> str:
     """How to read the table: cell layout, tolerances, each family's counting rule, statuses."""
     tol = DEFAULT_TOLERANCE
-    families = sorted({family(row.label) for row in table.rows})
-    rules = "; ".join(f"{name}: {COUNTING_RULES[name]}" for name in families if name in COUNTING_RULES)
+    families = sorted({model_family(row.model) for row in table.rows})
+    rules = "; ".join(f"{name}: {COUNTING_RULES[name]}" for name in families)
     text = (f"Each cell: paper / ours. Efficiency: ours under the paper's counting convention "
             f"(docs/flop-convention.md), difference in parentheses; ✓ within tolerance (params ±{tol['params_abs_m']} M, "
             f"GFLOPs ±{tol['gflops_rel']:.0%} of the paper's cell), ✗ outside")

@@ -181,6 +181,14 @@ def runs_needed(table: Table) -> dict[str, set[str]]:
     return needed
 
 
+def model_family(model: str) -> str:
+    """Backbone family of a params.yaml pretrain run (hrvit_b1-no_mixcfn -> HRViT, hrnet18_mit -> HRNet-MiT)."""
+    prefix, _, rest = model.partition("_")
+    if prefix.startswith("hrnet"):
+        return "HRNet-" + {"mit": "MiT", "cswin": "CSWin"}[rest]
+    return {"hrvit": "HRViT", "mit": "MiT", "cswin": "CSWin"}[prefix]
+
+
 def family(label: str) -> str:
     """Backbone family of a row label, for plots (HRViT, MiT, CSWin, HRNet-MiT, HRNet-CSWin)."""
     if label.startswith("HRNet"):
