@@ -1,13 +1,13 @@
 """HRViT (Gu et al., CVPR 2022): multi-scale high-resolution vision transformer, b1/b2/b3.
 
-Re-implemented from the description of the official code in spec/hrvit.md (section numbers below
+Re-implemented from the description of the official code in docs/architecture.md (section numbers below
 refer to it). Beyond the official code:
 
 * any input size works: up-sampling fusion paths are cropped to their target branch, and stripe
   attention pads the last stripe and masks its padded keys (the official code needs multiples of 32);
 * all stripes and heads of a half run in one ``F.scaled_dot_product_attention`` call;
 * the Table 5 ablations are keyword switches (``kv_sharing``, ``eff_patch_embed``, ``mixcfn``,
-  ``parallel_conv``, ``nonlinearity_bn``, ``dense_fusion``, ``des``; spec/ablations.md), and the
+  ``parallel_conv``, ``nonlinearity_bn``, ``dense_fusion``, ``des``; docs/table5-readings.md), and the
   stripe widths are the ``window_sizes`` keyword (the paper's Cityscapes b3 uses ``(1, 2, 9, 9)``).
 
 ``timm.create_model("hrvit_b1", features_only=True)`` returns the four branch maps (strides 4, 8, 16,
@@ -300,7 +300,7 @@ class HRViTBlock(nn.Module):
 class PatchEmbed(nn.Module):
     """Stride-1 patch embedding (§2.6): Conv1x1 -> DW3x3 -> tokens -> LN. P2 uses a dense Conv3x3 first.
 
-    (The literal MiT reading P1 of spec/ablations.md, a single Conv3x3 + LN, is not built: P2 is the
+    (The literal MiT reading P1 of docs/table5-readings.md, a single Conv3x3 + LN, is not built: P2 is the
     reading that reproduces every Table 5 cell.)
     """
 

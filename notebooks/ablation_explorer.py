@@ -16,7 +16,7 @@
 #
 # What each removed technique costs or saves relative to the full HRViT-b1, in the paper and in our
 # regenerated table, and where in the network the parameters and FLOPs move (per-module breakdown of
-# the measurements in `results/measure/table5_ablation.json`). Readings of each row: spec/ablations.md.
+# the measurements in `results/measure/table5_ablation.json`). Readings of each row: docs/table5-readings.md.
 
 # %% tags=["parameters"]
 TABLES_DIR = None  # default: tables/ of this checkout
@@ -39,7 +39,8 @@ base = "HRViT-b1"
 # %% [markdown]
 # ## Deltas against the full model
 # Params and GFLOPs in percent (variant / full − 1); top-1 and mIoU in points (variant − full).
-# Accuracy deltas from a smoke-profile run say nothing about the paper's claims.
+# Accuracy deltas from runs that are not reproductions (smoke, proxy, partial: docs/statuses.md) say
+# nothing about the paper's claims; proxy cells are means over seeds on generated data.
 
 # %%
 def deltas(which: str) -> pd.DataFrame:

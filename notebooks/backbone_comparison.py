@@ -19,7 +19,8 @@
 # 2. the efficiency ledger by counting convention: the paper's convention (which the tolerance flags use),
 #    fvcore, and the difference to the printed cells.
 #
-# Accuracy from a smoke-profile run is a pipeline check, never a reproduction: such cells are labelled.
+# Accuracy cells carry the status of their run (docs/statuses.md): only reproduction cells compare with
+# the paper; smoke, proxy and partial cells are labelled.
 
 # %% tags=["parameters"]
 TABLES_DIR = None  # default: tables/ of this checkout
@@ -76,19 +77,26 @@ print("our mIoU cells have status:", profiles)
 
 # %% [markdown]
 # ## Efficiency ledger by convention
-# `paper` is the paper's counting convention (spec/hrvit.md §4.5); `fvcore` counts every multiply-add of
+# `paper` is the paper's counting convention (docs/flop-convention.md); `fvcore` counts every multiply-add of
 # the traced graph, including normalisation and interpolation. `ok` is the tolerance check against the
-# printed cell (params ±0.05 M, GFLOPs ±1 %; HRNet-ViT baselines 3 % / 5 %).
+# printed cell (params ±0.05 M, GFLOPs ±1 %); the HRNet-ViT baselines are fitted to their cells
+# (docs/hrnet-vit-fit.md), so they read `fitted` instead of a verdict.
 
 # %%
+def verdict(cells: pd.DataFrame) -> pd.Series:
+    """The tolerance check, or 'fitted' for a fitted baseline (no verdict)."""
+    fitted = cells["fitted"].eq(True) if "fitted" in cells else pd.Series(False, index=cells.index)
+    return cells["within_tolerance"].astype(object).where(~fitted, "fitted")
+
+
 def ledger(cells: pd.DataFrame) -> pd.DataFrame:
     eff = cells[cells.kind.eq("efficiency")]
     params = eff[eff.column.eq("params_m")].set_index("row")
     flops = eff[eff.column.eq("gflops")].set_index("row")
     return pd.DataFrame({
-        "params paper": params.paper, "params ours": params.ours.round(3), "params ok": params.within_tolerance,
+        "params paper": params.paper, "params ours": params.ours.round(3), "params ok": verdict(params),
         "GFLOPs paper": flops.paper, "GFLOPs ours (paper conv.)": flops.ours.round(3),
-        "GFLOPs fvcore": flops.gflops_fvcore.round(3), "GFLOPs ok": flops.within_tolerance,
+        "GFLOPs fvcore": flops.gflops_fvcore.round(3), "GFLOPs ok": verdict(flops),
         "fvcore / paper conv.": (flops.gflops_fvcore / flops.ours).round(3),
     })
 

@@ -9,7 +9,7 @@ passes after ``--warmup`` untimed ones, in eval mode under ``torch.inference_mod
 Achieved GMAC/s uses the ledger's torch count (2 FLOPs per MAC, SDPA included) halved.
 
 ``smp_mit_b1`` is SegFormer's own architecture as segmentation_models_pytorch builds it
-(``smp.Segformer('mit_b1', encoder_weights=None)``), the reference of spec hrvit.md §4.7.
+(``smp.Segformer('mit_b1', encoder_weights=None)``), the reference architecture of the speed comparison.
 """
 from __future__ import annotations
 

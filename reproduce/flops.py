@@ -1,7 +1,7 @@
 """The FLOP ledger: parameters and GFLOPs of a model under three counting conventions.
 
-* ``paper``  — the convention that lands on the published figures (spec hrvit.md §4.5, baselines.md
-  §1.3-1.4, §3.4). It re-creates mmcv 1.x ``get_model_complexity_info`` (what mmseg's
+* ``paper``  — the convention that lands on the published figures (docs/flop-convention.md; the
+  per-family rules there). It re-creates mmcv 1.x ``get_model_complexity_info`` (what mmseg's
   ``tools/get_flops.py`` calls) as forward hooks on module types:
 
   ====================================  =======================================================
@@ -89,17 +89,17 @@ PAPER_RULES: dict[str, CountingRule] = {
         "hrvit", count_layer_norm=True, count_batch_norm=False, attention_factor=0.5,
         why="HRViT pinned mmcv-full 1.3.0, whose hooks count LayerNorm; its BNs are SyncBN in the "
         "published runs, which mmcv does not count; one of the two attention matmuls (half the "
-        "matmul MACs) reproduces all published HRViT figures (spec hrvit.md §4.5).",
+        "matmul MACs) reproduces all published HRViT figures (docs/flop-convention.md#the-attention-matmul-finding).",
     ),
     "cswin": CountingRule(
         "cswin", count_layer_norm=True, count_batch_norm=False, attention_factor=0.5,
         why="HRViT's authors re-counted CSWin for Table 4 with their own convention: mmcv-1.3 hooks "
-        "plus one attention matmul reproduces CSWin-Ti/T/S within 0.1 G (spec baselines.md §0.3).",
+        "plus one attention matmul reproduces CSWin-Ti/T/S within 0.12 G (docs/flop-convention.md#per-family).",
     ),
     "mit": CountingRule(
         "mit", count_layer_norm=False, count_batch_norm=False, attention_factor=1.0,
         why="Table 4's MiT cells are SegFormer's own: mmcv-full 1.2.7 (LayerNorm not yet counted), "
-        "SyncBN head, and SegFormer's sra_flops adding both attention matmuls (spec baselines.md §1.3-1.4).",
+        "SyncBN head, and SegFormer's sra_flops adding both attention matmuls (docs/flop-convention.md#per-family).",
     ),
 }
 

@@ -114,7 +114,7 @@ def test_mit_classifier_head_is_linear_on_stage4():
     assert _params(timm.create_model("mit_b0")) - _params(_backbone("mit_b0")) == (256 + 1) * 1000
 
 
-# Official CSWin code (spec baselines.md §2.1/§2.3): classifier 22.32M (T); segmentation backbone
+# Official CSWin code (docs/baseline-models.md#cswin): classifier 22.32M (T); segmentation backbone
 # 5.491M (Ti) / 21.808M (T) / 34.131M (S).
 CSWIN_BACKBONE_M = {"cswin_ti": 5.491, "cswin_t": 21.808, "cswin_s": 34.131}
 
@@ -138,7 +138,7 @@ def test_hrnet_vit_params_within_3_percent_of_table6(name):
 
 
 def test_hrnet_vit_switches_give_the_specs_other_readings():
-    # spec baselines.md §3.3/§3.4: natural 1:1 swap 9.41M (MiT) / 7.33M (CSWin); conv reduction with
+    # docs/hrnet-vit-fit.md: natural 1:1 swap 9.41M (MiT) / 7.33M (CSWin); conv reduction with
     # patch embedding 10.42M (MiT); all W18, E=256, 19 classes
     def params(name, **switches):
         return round(_params(build_model(name, "seg", num_classes=19, **switches)) / 1e6, 2)

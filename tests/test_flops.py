@@ -300,7 +300,7 @@ def test_ade20k_150_classes_seg_512(row):
 
 
 def test_fvcore_and_torch_match_the_official_code_measurements():
-    """hrvit.md §4.3 (official code, fvcore): b1 classifier @224 = 2.811 G; conv 1.3135 + linear
+    """docs/flop-convention.md#official-code-reference-figures (official code, fvcore): b1 classifier @224 = 2.811 G; conv 1.3135 + linear
     1.2633 + attention matmul 0.1988 GMAC, which torch counts at 2 per MAC."""
     result = measure_named("hrvit_b1", "cls")
     assert result["gflops_fvcore"] == pytest.approx(2.811, abs=0.001)

@@ -1,5 +1,5 @@
-"""HRViT-b1/b2/b3 (models/hrvit.py) against the official-code reference numbers of spec/hrvit.md and
-the Table 5 readings of spec/ablations.md.
+"""HRViT-b1/b2/b3 (models/hrvit.py) against the official-code reference numbers of docs/flop-convention.md#official-code-reference-figures and
+the Table 5 readings of docs/table5-readings.md.
 
 Parameter counts, shapes and attention-MAC counts use models built on the ``meta`` device (no
 weights, no compute), so the b2/b3 checks cost no CPU time; numerical checks run b1 or single
@@ -62,7 +62,7 @@ def b1() -> torch.nn.Module:
     return timm.create_model("hrvit_b1").eval()
 
 
-# ------------------------------------------------------------------ parameter counts (spec §0, §4.2)
+# ------------------------------------------------------------------ parameter counts (docs/flop-convention.md#official-code-reference-figures)
 
 SPEC_PARAMS = {  # classifier, backbone, cls head, seg 19 classes, seg 150 classes
     "hrvit_b1": (19_685_152, 7_758_008, 11_927_144, 8_149_451, 8_183_118),
@@ -157,7 +157,7 @@ def test_drop_path_schedule():
     model = on_meta(timm.create_model, "hrvit_b1", drop_path_rate=0.1)
     rates = [[[round(b.drop_path.drop_prob, 4) if hasattr(b.drop_path, "drop_prob") else 0.0 for b in br.blocks]
               for br in m.branches] for m in model.stages]
-    step = 0.1 / 21  # D = 22 for b1 (spec §2.4)
+    step = 0.1 / 21  # D = 22 for b1 (docs/architecture.md#24-drop-path-schedule)
     assert rates[0] == [[0.0]]
     assert rates[1] == [[round(step, 4)], [round(step, 4)]]
     assert rates[2][2] == [round(step * i, 4) for i in range(2, 8)]
@@ -165,7 +165,7 @@ def test_drop_path_schedule():
     assert rates[5] == [[round(step * 20, 4)]] * 2 + [[round(step * 20, 4), 0.1]] * 2
 
 
-# ------------------------------------------------------------------ ablations (spec/ablations.md)
+# ------------------------------------------------------------------ ablations (docs/table5-readings.md)
 
 ABLATION_SEG_PARAMS = {  # HRViT-b1 + SegFormer head, 19 classes
     "kv_sharing": 8_769_995,  # K1
@@ -235,7 +235,7 @@ def test_features_only_info(feat_meta):
     assert [f.shape[1] for f in picked(meta_input(64, 64))] == [96, 384]
 
 
-SPATIAL = {  # spec §4.6; 500x500 fails in the official code (sizes not multiples of 32)
+SPATIAL = {  # official code's output shapes; 500x500 fails in the official code (sizes not multiples of 32)
     224: [(56, 56), (28, 28), (14, 14), (7, 7)],
     512: [(128, 128), (64, 64), (32, 32), (16, 16)],
     (512, 1024): [(128, 256), (64, 128), (32, 64), (16, 32)],
@@ -284,7 +284,7 @@ def test_input_errors(b1):
 
 
 def reference_attention(attn: HRViTAttn, x: torch.Tensor, H: int, W: int, dim_head: int) -> torch.Tensor:
-    """Brute force per token (spec §2.7): explicit stripe membership, keys = values (unless K1),
+    """Brute force per token (docs/architecture.md#27-attention-cross-shaped-stripes-keys-equal-values): explicit stripe membership, keys = values (unless K1),
     valid-only keys, heads per half of d = min(dim_head, C/2), then conv path / Hardswish / proj / BN."""
     B, N, C = x.shape
     out = attn.qkv(x)
@@ -348,7 +348,7 @@ def test_attention_zero_at_init(b1):
     assert block.attn(block.norm1(x), 5, 6).eq(0).all()
 
 
-# fvcore attention-matmul GFLOPs (both matmuls) by branch: spec §4.3 (224) and §4.4 (512, padded windows)
+# fvcore attention-matmul GFLOPs (both matmuls) by branch, official code: docs/flop-convention.md#official-code-reference-figures
 SPEC_MATMUL_GFLOPS = {
     ("hrvit_b1", 224): (0.067, 0.028, 0.098, 0.005),
     ("hrvit_b2", 224): (0.101, 0.042, 0.221, 0.007),
@@ -384,11 +384,11 @@ def test_shapes_and_attention_counter(feat_meta, variant, size):
     assert [tuple(f.shape) for f in feats] == [(1, c, *s) for c, s in zip(chans, SPATIAL[size])]
     assert got == pytest.approx(SPEC_MATMUL_GFLOPS[(variant, size)], abs=5e-4)
     if (variant, size) == ("hrvit_b1", 512):
-        assert sum(got) == pytest.approx(2.502, abs=5e-4)  # §4.4 breakdown
+        assert sum(got) == pytest.approx(2.502, abs=5e-4)  # official code, fvcore breakdown
 
 
 def test_window_sizes_keyword():
-    """The paper's b3-Cityscapes windows 1-2-9-9: same params, matmul 6.613 G at 512 (spec §4.5 Table 7 row s = 9)."""
+    """The paper's b3-Cityscapes windows 1-2-9-9: same params, matmul 6.613 G at 512 (docs/flop-convention.md#published-figures-beside-ours)."""
     model = on_meta(timm.create_model, "hrvit_b3", features_only=True, window_sizes=(1, 2, 9, 9))
     assert n_params(model) == SPEC_PARAMS["hrvit_b3"][1]
     assert sum(run_with_attention_counter(model, 512)[1]) == pytest.approx(6.613, abs=5e-4)

@@ -19,7 +19,7 @@ def test_measure_json_contract():
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert isinstance(result["params"], int) and result["params"] == 19_685_152  # hrvit.md §4.2, official code
+    assert isinstance(result["params"], int) and result["params"] == 19_685_152  # official code, docs/flop-convention.md#official-code-reference-figures
     for convention in ("paper", "fvcore", "torch"):
         assert isinstance(result[f"gflops_{convention}"], float) and result[f"gflops_{convention}"] > 0
         assert convention in result["conventions"]
@@ -70,7 +70,7 @@ def test_bench_runs_and_prints_a_table(capsys):
     out = capsys.readouterr().out
     assert "64x64" in out and "latency ms" in out and "peak MiB" in out
     row = next(line for line in out.splitlines() if line.startswith("hrvit_b1"))
-    assert row.split()[1] == "8.15"  # params (M) of b1 + SegFormer head, 19 classes (hrvit.md §4.2)
+    assert row.split()[1] == "8.15"  # params (M) of b1 + SegFormer head, 19 classes (docs/flop-convention.md#official-code-reference-figures)
 
 
 def test_bench_rejects_amp_on_cpu(capsys):

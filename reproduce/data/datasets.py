@@ -27,7 +27,7 @@ CITYSCAPES_CLASSES = (
 
 @dataclass(frozen=True)
 class SegDatasetInfo:
-    """What the SegFormer recipes say about a segmentation dataset (baselines.md §4.1-4.4)."""
+    """What the SegFormer recipes say about a segmentation dataset (docs/recipes.md#segmentation-fine-tuning)."""
 
     name: str
     class_names: tuple[str, ...]

@@ -2,7 +2,8 @@
 
 Reads the pipeline's results (``results/measure``, ``results/pretrain``, ``results/finetune``) and the
 paper's cells (``tables/paper``), and writes ``tables/<name>.{md,tex,csv,json}``,
-``tables/metrics/<name>.json`` (DVC metrics), ``tables/fig5_ade20k.{png,pdf}`` and ``tables/claims.{md,json}``.
+``tables/metrics/<name>.json`` (DVC metrics), ``tables/fig5_ade20k{,_fvcore}.{png,pdf}``,
+``tables/table5_ablation_deltas.{png,pdf}`` (Table 5 as a figure) and ``tables/claims.{md,json}``.
 Missing results give cells marked as missing rather than an error, so a partial run still renders.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from reproduce.tables.spec import CLAIMS, FIGURE, TABLES, TARGETS
+from reproduce.tables.spec import ABLATION, CLAIMS, FIGURE, TABLES, TARGETS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +40,11 @@ def run(args: argparse.Namespace) -> int:
             from reproduce.tables.figure import plot
 
             written += plot(records, args.out / FIGURE)
+            written += plot(records, args.out / f"{FIGURE}_fvcore", convention="fvcore")  # one counting rule for all
+        if name == ABLATION:
+            from reproduce.tables.figure import plot_ablation
+
+            written += plot_ablation(records, TABLES[name].rows[0].label, args.out / f"{ABLATION}_deltas")
     if CLAIMS in names:
         from reproduce.tables.claims import write_ledger
 

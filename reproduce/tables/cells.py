@@ -1,8 +1,9 @@
 """Paper cell + our cell -> one record per table cell, with the difference, tolerance flag and provenance.
 
 A record is a flat dict (one CSV line). Efficiency cells compare our measurement under the paper's
-counting convention (hrvit.md §4.5) with the printed cell. Accuracy cells carry the profile and the data
-of the run that produced them; only a paper-profile run on the real dataset counts as a reproduction.
+counting convention (docs/flop-convention.md) with the printed cell; fitted baselines carry the signed
+difference and no verdict (docs/hrnet-vit-fit.md). Accuracy cells carry the status of the run that
+produced them (reproduce/tables/status.py); only a reproduction gets a difference to the paper.
 """
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ import pandas as pd
 from reproduce.tables.spec import (
     ACCURACY_COLUMNS,
     DEFAULT_TOLERANCE,
-    FITTED_TOLERANCE,
     METRIC_KEY,
     PAPER_DIR,
     Row,
     Table,
 )
+from reproduce.tables.status import REPRODUCTION, init_of, run_status
 
 Record = dict[str, Any]
 
@@ -48,15 +49,12 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def within_tolerance(column: str, paper: float, ours: float, fitted: bool) -> tuple[bool, str]:
+def within_tolerance(column: str, paper: float, ours: float) -> tuple[bool, str]:
     """Tolerance check of an efficiency cell, and the rule in words."""
     if column == "params_m":
-        if fitted:
-            tol = FITTED_TOLERANCE["params_rel"]
-            return abs(ours - paper) <= tol * paper, f"±{tol:.0%}"
         tol = DEFAULT_TOLERANCE["params_abs_m"]
         return abs(ours - paper) <= tol + 1e-9, f"±{tol} M"
-    tol = FITTED_TOLERANCE["gflops_rel"] if fitted else DEFAULT_TOLERANCE["gflops_rel"]
+    tol = DEFAULT_TOLERANCE["gflops_rel"]
     return abs(ours - paper) <= tol * paper, f"±{tol:.0%}"
 
 
@@ -73,10 +71,26 @@ def _efficiency(table: Table, row: Row, column: str, paper: float | None, measur
         record["gflops_torch"] = measured["gflops"].get("torch")
     record.update(ours=ours, status="measured", git_commit=measured.get("git_commit"),
                   setting=_setting(measured))
+    if measured.get("reading"):  # a fitted baseline says which construction was measured
+        record["reading"] = ", ".join(f"{k}={v}" for k, v in measured["reading"].items())
     if paper is not None:
-        ok, rule = within_tolerance(column, paper, ours, row.fitted)
-        record.update(diff=ours - paper, within_tolerance=ok, tolerance=rule)
+        record.update(diff=ours - paper, diff_rel=(ours - paper) / paper)
+        if row.fitted:  # a fitted reading lands near the cell by construction: a verdict would be circular
+            record["fitted"] = True
+        else:
+            ok, rule = within_tolerance(column, paper, ours)
+            record.update(within_tolerance=ok, tolerance=rule)
     return record
+
+
+def fair_view(row: Row, column: str, measured: dict[str, Any] | None) -> Record:
+    """The row measured at its table's one shared setting: params, or GFLOPs under the paper convention
+    (each family's own rule) and under fvcore (one rule for every family). Empty when not measured."""
+    if measured is None:
+        return {}
+    if column == "params_m":
+        return {"fair_params_m": measured["params"] / 1e6}
+    return {"fair_gflops_paper": measured["gflops"]["paper"], "fair_gflops_fvcore": measured["gflops"]["fvcore"]}
 
 
 def _setting(measured: dict[str, Any]) -> str:
@@ -96,22 +110,26 @@ def _accuracy(row: Row, column: str, results: Path) -> Record:
     metrics = _read_json(run_metrics_path(results, kind, run)) if run else None
     if metrics is None:
         return {**record, "status": "not trained" if run is None else "missing", "ours": None}
-    value = metrics[METRIC_KEY[kind]]
-    # top1 is a percentage already; miou is a fraction (reproduce/train/seg_metrics.py).
-    ours = value if kind == "pretrain" else 100.0 * value
-    reproduction = metrics["profile"] == "paper" and metrics["dataset"] != "synthetic"
+    key = METRIC_KEY[kind]
+    scale = 1.0 if kind == "pretrain" else 100.0  # top1 is a percentage already; miou a fraction (seg_metrics.py)
+    status = run_status(kind, metrics)
     record.update(
-        ours=ours, profile=metrics["profile"], dataset=metrics["dataset"], data_source=metrics.get("data_source"),
-        git_commit=metrics.get("git_commit"), wall_time_s=metrics.get("wall_time_s"),
-        status="reproduction" if reproduction else metrics["profile"],
+        ours=scale * metrics[key], profile=metrics["profile"], dataset=metrics["dataset"],
+        data_source=metrics.get("data_source"), git_commit=metrics.get("git_commit"),
+        wall_time_s=metrics.get("wall_time_s"), status=status.status, deviations=list(status.deviations),
     )
+    if metrics.get("seeds"):  # a multi-seed run: the metric is the mean over seeds
+        record.update(seeds=list(metrics["seeds"]), std=scale * metrics[f"{key}_std"])
+    if kind != "pretrain":
+        record["init"] = init_of(metrics)["format"]
     return record
 
 
 def build_records(table: Table, results: Path, paper_dir: Path = PAPER_DIR) -> list[Record]:
     """Every cell of ``table``: paper value, ours, difference, tolerance flag and provenance."""
     paper = paper_frame(table, paper_dir)
-    measured = (_read_json(measure_path(results, table.name)) or {}).get("rows", {})
+    measurement = _read_json(measure_path(results, table.name)) or {}
+    measured, fair = measurement.get("rows", {}), measurement.get("fair_rows", {})
     records = []
     for row in table.rows:
         for column in table.columns:
@@ -119,10 +137,12 @@ def build_records(table: Table, results: Path, paper_dir: Path = PAPER_DIR) -> l
             paper_value = None if pd.isna(value) else float(value)
             if column in ACCURACY_COLUMNS:
                 record = _accuracy(row, column, results)
-                if paper_value is not None and record["ours"] is not None:
-                    record["diff"] = record["ours"] - paper_value
+                if paper_value is not None and record["ours"] is not None and record["status"] == REPRODUCTION:
+                    record["diff"] = record["ours"] - paper_value  # no difference to the paper for anything else
             else:
                 record = _efficiency(table, row, column, paper_value, measured.get(row.label))
+                if table.fair is not None:
+                    record.update(fair_view(row, column, measured.get(row.label) if row.measure == table.fair else fair.get(row.label)))
             records.append({"table": table.name, "row": row.label, "column": column, "paper": paper_value,
                             "note": row.note, **record})
     return records

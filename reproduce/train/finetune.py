@@ -1,7 +1,7 @@
 """``python -m reproduce finetune``: semantic-segmentation fine-tuning with the SegFormer head.
 
-The paper profile is the official SegFormer/HRViT mmseg recipe (spec hrvit.md §3.2, baselines.md
-§4.4): AdamW 6e-5, weight decay 0.01 except on LayerNorm parameters, head lr x10, poly (power 1)
+The paper profile is the official SegFormer/HRViT mmseg recipe (docs/recipes.md#segmentation-fine-tuning; the
+official configs): AdamW 6e-5, weight decay 0.01 except on LayerNorm parameters, head lr x10, poly (power 1)
 with a 1500-iteration linear warm-up over 160k iterations, Cityscapes 1024 crops / batch 8 with
 sliding-window test (stride 768), ADE20K 512 crops / batch 16 with whole-image test.
 """
@@ -23,7 +23,7 @@ from reproduce.data.seg_transforms import IGNORE_INDEX, SegTestTransform, SegTra
 from reproduce.train import distributed, engine
 from reproduce.train.evaluation import evaluate_segmentation
 
-# Backbone drop-path of the official configs (hrvit.md §3.2); other backbones keep MiT's 0.1.
+# Backbone drop-path of the official configs (docs/recipes.md#segmentation-fine-tuning); other backbones keep MiT's 0.1.
 DROP_PATH = {
     "ade20k": {"hrvit_b1": 0.1, "hrvit_b2": 0.2, "hrvit_b3": 0.3},
     "cityscapes": {"hrvit_b1": 0.15, "hrvit_b2": 0.2, "hrvit_b3": 0.3},
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
 def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult: float) -> list[dict[str, Any]]:
     """mmseg paramwise_cfg of the SegFormer/HRViT configs: ``head`` lr x ``head_lr_mult``; no weight
     decay on the parameters its ``norm`` key matches, which in these backbones are the LayerNorms
-    (BatchNorm and biases keep the decay, hrvit.md §3.2)."""
+    (BatchNorm and biases keep the decay, docs/recipes.md#segmentation-fine-tuning)."""
     no_decay = {id(p) for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) for p in m.parameters(recurse=False)}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for pname, p in model.named_parameters():

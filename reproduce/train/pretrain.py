@@ -1,6 +1,6 @@
 """``python -m reproduce pretrain``: ImageNet-layout classification pretraining.
 
-The paper profile is the official HRViT/DeiT recipe (spec hrvit.md §3.1), assembled from timm's
+The paper profile is the official HRViT/DeiT recipe (docs/recipes.md#imagenet-pretraining), assembled from timm's
 pieces: ``create_transform`` (RandAugment, random erasing), ``Mixup`` with label smoothing,
 ``SoftTargetCrossEntropy``, ``create_optimizer_v2`` (AdamW, no decay on 1-D parameters) and
 ``create_scheduler_v2`` (cosine with warm-up and cool-down, stepped per epoch).
@@ -26,7 +26,7 @@ from reproduce.train.evaluation import evaluate_classification
 
 DATASETS = ("synthetic", "imagenet")
 
-# spec hrvit.md §3.1 (official pretrain.py command and defaults); batch is global (32/GPU x 32 GPUs).
+# docs/recipes.md#imagenet-pretraining (official pretrain.py command and defaults); batch is global (32/GPU x 32 GPUs).
 PAPER = {
     "image_size": 224, "epochs": 300, "cooldown_epochs": 10, "warmup_epochs": 20, "warmup_lr": 1e-6, "min_lr": 1e-5,
     "batch_size": 1024, "accum_steps": 1, "lr": 1e-3, "weight_decay": 0.05, "clip_grad": 1.0,
