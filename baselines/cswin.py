@@ -1,7 +1,7 @@
 """CSWin Transformer (Dong et al., CVPR 2022) as timm models: cswin_ti, cswin_t, cswin_s.
 
-CSWin is in neither timm nor any package (spec baselines.md §2.2), so it is written here from the
-spec (§2.1), following the official segmentation backbone so that one model serves both tasks:
+CSWin is in neither timm nor any package (docs/baseline-models.md#cswin), so it is written here from the
+official code, following the official segmentation backbone so that one model serves both tasks:
 
 * conv stem (7x7, stride 4, padding 2) + LayerNorm; between stages a 3x3 stride-2 conv + LayerNorm;
 * each block: LN -> qkv -> channels split in two halves, vertical and horizontal stripes of width
@@ -336,7 +336,7 @@ def _cfg(seg_embed_dim: int, url: str | None = None) -> SuiteCfg:
     )
 
 
-# SegFormer head width reproducing Table 4 (spec baselines.md §2.3): 256 for Ti/T, 768 for S. Microsoft
+# SegFormer head width reproducing Table 4 (docs/baseline-models.md#cswin): 256 for Ti/T, 768 for S. Microsoft
 # publishes ImageNet-1K weights of CSWin-T and CSWin-S; CSWin-Ti (this paper's C = 32 variant) has none.
 default_cfgs = generate_default_cfgs({
     "cswin_ti": _cfg(256),

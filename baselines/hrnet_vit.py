@@ -3,8 +3,8 @@
 The paper only says it "directly replace[s] residual blocks in HRNetV2 with MiT/CSWin Transformer
 blocks". This file builds timm's HRNetV2 through its public constructor (stem, 4-Bottleneck stage 1,
 transitions, fuse layers, module counts, classification head) and then gives every branch of
-stages 2-4 its own transformer blocks in place of the BasicBlocks. The reading is spec baselines.md
-§3.4's fit, with every choice a keyword switch and these defaults ("fitted to Table 6 params within
+stages 2-4 its own transformer blocks in place of the BasicBlocks. The reading is the fit of
+docs/hrnet-vit-fit.md, with every choice a keyword switch and these defaults ("fitted to Table 6 params within
 3 %"):
 
 * ``block``: 'mit' (smp's MiT block: SRA attention + Mix-FFN, so MiT itself and HRNet-MiT share one
@@ -20,7 +20,7 @@ stages 2-4 its own transformer blocks in place of the BasicBlocks. The reading i
 
 FLOP family: 'hrvit' (mmcv-1.3 hooks, LayerNorm counted, SyncBN not), with each attention module's
 matmuls scaled by its own counter family: smp's MiT attention as SegFormer counts it (both matmuls),
-CSWin's as HRViT counts it (one). That mix is what lands on Table 6 (spec §3.4). Measured with the
+CSWin's as HRViT counts it (one). That mix is what lands on Table 6 (docs/hrnet-vit-fit.md). Measured with the
 defaults (SegFormer head, 19 classes, 512x512, ``reproduce.flops`` paper convention), ours / paper:
 
 =============  ===================  =====================
@@ -36,7 +36,7 @@ HRNet40-CSWin  40.34 / 39.5 (+2.1 %)  96.50 / 96.3 (+0.2 %)
 
 The fit is not a documented design: counting MiT attention with one matmul instead would give
 about 23.9 / 45.6 / 97.5 G, and no tried topology (1-4 blocks, module counts, mlp ratio, stage-1
-depth) fits both families' parameters better (spec §3.4).
+depth) fits both families' parameters better (docs/hrnet-vit-fit.md#search-space).
 
 timm's fuse layers upsample by a fixed factor, so HRNet only runs on sizes divisible by 32; these
 models zero-pad the input (bottom/right) up to that and crop the features back to ceil(size/stride).
@@ -66,7 +66,7 @@ _ALIGN = 32  # total stride of HRNet's lowest-resolution branch
 
 @dataclass(frozen=True)
 class HRNetViTSettings:
-    """The construction switches (defaults: spec baselines.md §3.4 fit)."""
+    """The construction switches (defaults: the fit of docs/hrnet-vit-fit.md)."""
 
     block: str  # 'mit' or 'cswin'
     patch_embed: str = "conv3"  # 'conv3' or 'none'
@@ -240,7 +240,7 @@ _VARIANTS = {
     "hrnet32_mit": (32, "mit"), "hrnet32_cswin": (32, "cswin"),
     "hrnet40_mit": (40, "mit"), "hrnet40_cswin": (40, "cswin"),
 }
-_SEG_EMBED_DIM = {18: 256, 32: 256, 40: 768}  # the W40 jump in Table 6 needs E=768 (spec §3.3)
+_SEG_EMBED_DIM = {18: 256, 32: 256, 40: 768}  # the W40 jump in Table 6 needs E=768 (docs/hrnet-vit-fit.md#search-space)
 
 
 def _cfg(width: int) -> SuiteCfg:

@@ -1,7 +1,7 @@
 """MiT-B0..B4 (SegFormer's Mix Transformer) as timm models, built on smp's MiT encoder.
 
 The backbone is ``segmentation_models_pytorch``'s ``MixVisionTransformer`` with smp's own per-variant
-configuration (parameter for parameter the official NVlabs/SegFormer model, spec baselines.md §1.5);
+configuration (parameter for parameter the official NVlabs/SegFormer model, docs/baseline-models.md#mit);
 this file only adds what timm's ``create_model`` needs: MiT's ImageNet head (stage-4 LayerNorm,
 token mean, Linear), ``forward_intermediates`` for ``features_only`` (4 NCHW maps at strides
 4/8/16/32) and the registrations. smp computes attention with explicit matmuls, so fvcore and
@@ -136,7 +136,7 @@ def _cfg(seg_embed_dim: int) -> SuiteCfg:
     )
 
 
-# Head widths of the SegFormer configs (spec baselines.md §0.2): 256 for B0/B1, 768 for B2+.
+# Head widths of the SegFormer configs (docs/baseline-models.md#mit): 256 for B0/B1, 768 for B2+.
 default_cfgs = generate_default_cfgs({
     "mit_b0": _cfg(256), "mit_b1": _cfg(256), "mit_b2": _cfg(768), "mit_b3": _cfg(768), "mit_b4": _cfg(768),
 })
