@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from reproduce.cli import main
-from reproduce.train import engine
+from reproduce.train import checkpointing, engine
 from reproduce.train.evaluation import slide_logits
 from reproduce.train.seg_metrics import confusion_matrix, scores
 
@@ -154,8 +154,14 @@ def test_pretrain_finetune_evaluate_chain(pretrained, tmp_path):
     assert pre["model"] == "hrvit_b1" and pre["model_settings"]["ablate"] == [] and pre["recipe"]["batch_size"] == 2
     assert pre["steps"] == 4 and pre["recipe"]["mixup"] == 0.8 and pre["recipe"]["auto_augment"] == "rand-m9-mstd0.5-inc1"
     checkpoint = pretrained / "run" / "checkpoint.pt"
-    state = engine.load_checkpoint(checkpoint)
+    state = checkpointing.load_checkpoint(checkpoint)
     assert state["finished"] and state["step"] == 4 and state["task"] == "cls" and state["model"] == "hrvit_b1"
+    weights = checkpointing.load_run_state(pretrained / "run" / "model.safetensors")  # the slim, cached output
+    assert weights["format"] == "hrvit-repro-weights/1" and "optimizer_state" not in weights
+    for key in ("task", "model", "model_settings", "num_classes", "class_names", "profile", "dataset", "recipe", "step", "total_steps", "finished"):
+        assert weights[key] == state[key], key
+    assert weights["model_state"].keys() == state["model_state"].keys()
+    assert all(torch.equal(weights["model_state"][k], v) for k, v in state["model_state"].items())
 
     data = tmp_path / "data"
     assert main(["finetune", *TINY_FINETUNE, "--window-sizes", "1", "2", "7", "7", "--pretrained", str(checkpoint),
@@ -171,6 +177,11 @@ def test_pretrain_finetune_evaluate_chain(pretrained, tmp_path):
     assert main(["evaluate", "--checkpoint", str(tmp_path / "ft" / "checkpoint.pt"), "--data-root", str(data), "--output", str(tmp_path / "ev")]) == 0
     ev = _metrics(tmp_path / "ev")
     assert ev["miou"] == ft["miou"] and ev["per_class_iou"] == ft["per_class_iou"] and ev["profile"] == "smoke"
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "ft" / "model.safetensors"), "--data-root", str(data), "--output", str(tmp_path / "ev2")]) == 0
+    assert _metrics(tmp_path / "ev2")["miou"] == ft["miou"]
+    assert main(["finetune", *TINY_FINETUNE, "--pretrained", str(pretrained / "run" / "model.safetensors"),
+                 "--data-root", str(data), "--output", str(tmp_path / "ft-st")]) == 0
+    assert _metrics(tmp_path / "ft-st")["pretrained"]["loaded"] == ft["pretrained"]["loaded"]
 
     with pytest.raises(ValueError, match="trained with --ablate"):  # a checkpoint of another variant is refused
         main(["finetune", *TINY_FINETUNE, "--ablate", "des", "--pretrained", str(checkpoint), "--data-root", str(data), "--output", str(tmp_path / "ft2")])
@@ -183,7 +194,7 @@ def test_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_run(pretrain
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     assert not (tmp_path / "resumed" / "metrics.json").exists()
-    assert engine.load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 2  # step 3 was lost with the process
+    assert checkpointing.load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 2  # step 3 was lost with the process
 
     assert main([*argv, "--output", str(tmp_path / "resumed")]) == 0
     straight, resumed = _metrics(pretrained / "run"), _metrics(tmp_path / "resumed")

@@ -34,11 +34,9 @@ from tqdm import tqdm
 from models.factory import check_model_name
 from reproduce.data import synthetic
 from reproduce.data.datasets import SeededSamples, sample_seed
+from reproduce.train.checkpointing import CHECKPOINT_FORMAT, CHECKPOINT_NAME, METRICS_NAME, WEIGHTS_NAME, load_checkpoint, save_checkpoint, save_weights, write_metrics
 from reproduce.train.distributed import DistContext, average_bn_stats, barrier, env_world_size, gather_digests, setup, teardown
 
-CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.json"
-CHECKPOINT_FORMAT = "hrvit-repro-checkpoint/1"
 PROFILES = ("smoke", "paper")
 DEFAULT_SYNTHETIC_ROOT = Path("data/synthetic")
 # Recipe keys that change how a run is executed but not its numbers (left out of the resume check).
@@ -211,36 +209,6 @@ class Logger:
 
 
 # --------------------------------------------------------------------------- checkpoints and metrics
-
-
-def atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a checkpoint written by this suite (format {CHECKPOINT_FORMAT!r})")
-    return state
-
-
-def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    text = json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n"
-    atomic_write_bytes(path, lambda tmp: tmp.write_text(text))
 
 
 def git_commit() -> str:
@@ -465,17 +433,20 @@ def train_evaluate_record(
     throughput = trainer.fit(train_set, sched, start_step, recipe["num_workers"], save, recipe["checkpoint_every"], args.kill_after_steps)
     average_bn_stats(ctx, unwrap(trainer.model))
     digests = gather_digests(ctx, unwrap(trainer.model))
+    if ctx.is_main:  # before the evaluation, so that a failure there loses no training
+        final = checkpoint(sched.total_steps, finished=True)
+        save_checkpoint(ckpt_path, final)
+        save_weights(args.output / WEIGHTS_NAME, final)
     result = evaluate()
     log.line(summary(result))
     if ctx.is_main:
-        save_checkpoint(ckpt_path, checkpoint(sched.total_steps, finished=True))
         metrics = {
             **result, **throughput, "wall_time_s": time.time() - start, "profile": args.profile, "dataset": args.dataset,
             "data_source": identity["data_source"], "model": args.model, "model_settings": identity["model_settings"],
             "recipe": recipe, "effective": effective, "steps": sched.total_steps, **metrics_extras,
             "resumed_from_step": start_step or None,
             "ranks_identical": len(set(digests)) == 1 if ctx.distributed else None, "param_digests": digests,
-            "checkpoint": str(ckpt_path), "git_commit": git_commit(),
+            "checkpoint": str(ckpt_path), "weights": str(args.output / WEIGHTS_NAME), "git_commit": git_commit(),
         }
         write_metrics(args.output / METRICS_NAME, metrics)
         log.line(f"wrote {args.output / METRICS_NAME}")

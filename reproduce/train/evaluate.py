@@ -14,11 +14,12 @@ from pathlib import Path
 from models.factory import build_model
 from reproduce.data.datasets import SEG_DATASETS
 from reproduce.train import distributed, engine, finetune, pretrain
+from reproduce.train.checkpointing import METRICS_NAME, load_run_state
 from reproduce.train.evaluation import evaluate_classification, evaluate_segmentation
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt of a pretrain or finetune run")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt, best.pt or model.safetensors of a pretrain or finetune run")
     parser.add_argument("--dataset", default=None, help="dataset to score on (default: the one the checkpoint was trained on)")
     parser.add_argument("--data-root", type=Path, default=None, help="dataset root; for 'synthetic' the cache folder (default data/synthetic)")
     parser.add_argument("--split", choices=("val", "train"), default="val")
@@ -43,7 +44,7 @@ def _settings(args: argparse.Namespace, state: dict) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     start = time.time()
-    state = engine.load_checkpoint(args.checkpoint)
+    state = load_run_state(args.checkpoint)
     task, name, recipe = state["task"], state["model"], dict(state["recipe"])
     settings = _settings(args, state)
     args.dataset = args.dataset or state["dataset"]
@@ -93,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
                 "checkpoint": str(args.checkpoint), "checkpoint_step": state["step"], "checkpoint_finished": state["finished"],
                 "world_size": ctx.world_size, "git_commit": engine.git_commit(),
             }
-            engine.write_metrics(args.output / engine.METRICS_NAME, metrics)
-            log.line(f"wrote {args.output / engine.METRICS_NAME}")
+            engine.write_metrics(args.output / METRICS_NAME, metrics)
+            log.line(f"wrote {args.output / METRICS_NAME}")
     finally:
         distributed.teardown(ctx)
     return 0

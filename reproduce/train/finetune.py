@@ -21,6 +21,7 @@ from models.factory import build_model
 from reproduce.data.datasets import SEG_DATASETS, SegDatasetInfo, SegmentationDataset, index_segmentation, synthetic_seg_scale
 from reproduce.data.seg_transforms import IGNORE_INDEX, SegTestTransform, SegTrainTransform
 from reproduce.train import distributed, engine
+from reproduce.train.checkpointing import load_run_state
 from reproduce.train.evaluation import evaluate_segmentation
 
 # Backbone drop-path of the official configs (hrvit.md §3.2); other backbones keep MiT's 0.1.
@@ -50,7 +51,7 @@ PROFILES = {"paper": PAPER, "smoke": SMOKE}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_common_arguments(parser, default_dataset="synthetic")
     parser.description = (parser.description or "") + f". Datasets: {', '.join(SEG_DATASETS)}."
-    parser.add_argument("--pretrained", type=Path, default=None, help="checkpoint.pt of a pretrain run (backbone weights; head dropped). Omit for random init")
+    parser.add_argument("--pretrained", type=Path, default=None, help="checkpoint.pt or model.safetensors of a pretrain run (backbone weights; head dropped). Omit for random init")
     parser.add_argument("--iters", "--steps", dest="iters", type=int, help="training iterations (paper 160000)")
     parser.add_argument("--warmup-iters", type=int)
     parser.add_argument("--crop-size", type=int, help="training crop (paper: Cityscapes 1024, ADE20K 512; generated scenes are crop x 2*crop)")
@@ -99,7 +100,7 @@ def validate(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], 
                 f"(short side {min(scale)}); use at most {min(scale)}"
             )
     if args.pretrained is not None and not args.pretrained.is_file():
-        raise engine.SettingsError(f"--pretrained {args.pretrained} does not exist (expected a pretrain run's checkpoint.pt)")
+        raise engine.SettingsError(f"--pretrained {args.pretrained} does not exist (expected a pretrain run's checkpoint.pt or model.safetensors)")
     settings = engine.model_settings(args, recipe["drop_path"])
     engine.model_kwargs(args.model, settings)
     return recipe, settings, micro
@@ -125,7 +126,7 @@ def load_pretrained_backbone(model: nn.Module, path: Path, name: str, settings: 
 
     Keys are matched after removing feature-wrapper prefixes (timm's ``model.``) and treating '_'
     and '.' alike (timm's flattened feature modules); what did not match is reported."""
-    state = engine.load_checkpoint(path)
+    state = load_run_state(path)
     if state.get("task") != "cls":
         raise ValueError(f"--pretrained {path} is a {state.get('task')!r} checkpoint; expected a pretrain (classification) run")
     if state["model"] != name:
