@@ -1,0 +1,287 @@
+"""Training runs that survive a cluster: recipes as the one source of truth, the world-size
+independent sample order, real SIGTERM/SIGINT then resume (bit-identical, from a moved data root),
+a checkpoint that exists when the final evaluation fails, best.pt, bf16 on a CPU, non-finite
+losses, the file index, DVCLive curves and the loader benchmark. Multi-process cases are in
+test_ddp.py."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from reproduce.cli import RunStopped, main
+from reproduce.data import layouts
+from reproduce.data.throughput import loader_benchmark
+from reproduce.train import checkpointing, engine, pretrain, recipes
+from reproduce.train.distributed import DistContext
+from reproduce.train.loop import Schedule, StepSampler, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+# HRViT-b1 on 4 generated 32 px images, batch 2: 2 steps per epoch.
+TINY = ["--model", "hrvit_b1", "--profile", "smoke", "--synthetic-size", "4", "--batch-size", "2", "--image-size", "32"]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.use_deterministic_algorithms(deterministic)
+    torch.set_num_threads(threads)
+
+
+def _metrics(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
+
+
+# ------------------------------------------------------------------ recipes
+
+
+def test_params_yaml_smoke_recipes_are_the_cli_smoke_defaults():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for kind in ("pretrain", "cityscapes", "ade20k"):
+        given = recipes.validate_recipe(kind, params["recipes"]["smoke"][kind])
+        defaults = recipes.profile_recipe(kind, "smoke")
+        numbers = set(given) - set(recipes.execution_keys(kind)) - {"test_mode"}  # test mode: per dataset
+        assert {k: given[k] for k in numbers} == {k: getattr(defaults, k) for k in numbers}, kind
+    assert recipes.profile_recipe("pretrain", "smoke").epochs == 1 and recipes.profile_recipe("finetune", "smoke").iters == 2
+
+
+@pytest.mark.parametrize(
+    "mapping, message",
+    [
+        ({"batch-sise": 8}, "unknown key 'batch-sise'; accepted keys: batch-size, "),
+        ({"batch-size": "eight"}, "--batch-size must be an integer or null, got 'eight'"),
+        ({"amp": "fp8"}, "--amp must be one of bf16, fp16, none, got 'fp8'"),
+        ({"lr": 0}, "--lr must be positive"),
+        ({"drop-path": 1.5}, "--drop-path must be in [0, 1)"),
+        ({"sync-bn": "yes"}, "--sync-bn must be true or false"),
+    ],
+)
+def test_recipe_validation_names_the_key_and_what_it_accepts(mapping, message):
+    with pytest.raises(recipes.SettingsError) as err:
+        recipes.validate_recipe("pretrain", mapping)
+    assert message in str(err.value) and str(err.value).startswith("pretrain recipe: ")
+
+
+def test_amp_accepts_the_old_booleans_and_the_new_modes():
+    assert recipes.validate_recipe("cityscapes", {"amp": True, "num-workers": None}) == {"amp": "fp16"}
+    assert recipes.validate_recipe("pretrain", {"amp": False})["amp"] == "none"
+    assert recipes.validate_recipe("pretrain", {"amp": "bf16"})["amp"] == "bf16"
+
+
+# ------------------------------------------------------------------ sample order
+
+
+def _micro_batches(n: int, batch: int, world: int, accum: int, epoch: int) -> list[list[list[int]]]:
+    """Per step, the micro-batches of every (rank, accumulation step) in DDP-averaging order."""
+    sched = Schedule(total_steps=n // batch, steps_per_epoch=n // batch, micro_batch=batch // (world * accum), accum_steps=accum, world_size=world)
+    per_rank = []
+    for rank in range(world):
+        sampler = StepSampler(n, sched, rank, seed=3)
+        sampler.set_position(epoch, 0)
+        keys = [i for _, i in sampler]
+        per_rank.append([keys[k : k + sched.micro_batch] for k in range(0, len(keys), sched.micro_batch)])
+    steps = []
+    for s in range(sched.steps_per_epoch):
+        steps.append([per_rank[r][s * accum + a] for a in range(accum) for r in range(world)])
+    return steps
+
+
+def test_the_samples_of_a_step_do_not_depend_on_the_number_of_ranks():
+    two_ranks = _micro_batches(24, 8, world=2, accum=1, epoch=1)
+    one_rank = _micro_batches(24, 8, world=1, accum=2, epoch=1)
+    assert two_ranks == one_rank  # same micro-batches: same BN batches and mixup seeds too
+    flat = [sorted(i for m in step for i in m) for step in _micro_batches(24, 8, world=4, accum=1, epoch=1)]
+    assert flat == [sorted(i for m in step for i in m) for step in two_ranks]
+    assert _micro_batches(24, 8, 2, 1, epoch=2) != two_ranks  # another epoch, another order
+
+
+def test_sampler_resumes_mid_epoch_at_the_same_samples():
+    sched = Schedule(6, 3, 2, 1, 1)
+    full, resumed = StepSampler(7, sched, 0, 0), StepSampler(7, sched, 0, 0)
+    resumed.set_position(0, 2)
+    assert list(resumed) == list(full)[4:] and len(resumed) == 2
+
+
+# ------------------------------------------------------------------ the optimizer step
+
+
+class _Linear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def _trainer(loss_fn, amp: str = "none") -> Trainer:
+    torch.manual_seed(0)
+    model = _Linear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return Trainer(DistContext(0, 1, 0, CPU), model, optimizer, scheduler=None, loss_fn=loss_fn, amp=amp, clip_grad=None, seed=0)
+
+
+def test_a_non_finite_loss_stops_before_the_optimizer_step():
+    trainer = _trainer(lambda net, batch: net(batch).sum() * float("nan"))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(RunStopped, match="loss is not finite at step 5") as err:
+        trainer.train_step(5, [torch.ones(2, 4)], lambda: False)
+    assert err.value.status == 1
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_bf16_autocast_runs_on_the_cpu():
+    dtypes = []
+
+    def loss_fn(net, batch):
+        out = net(batch)
+        dtypes.append(out.dtype)
+        return out.float().pow(2).mean()
+
+    result = _trainer(loss_fn, amp="bf16").train_step(0, [torch.ones(2, 4)] * 2, lambda: True)
+    assert dtypes == [torch.bfloat16] * 2 and result.stop and result.grad_norm > 0
+    assert _trainer(loss_fn, amp="fp16").scaler.is_enabled() is False  # fp16 is CUDA-only: fp32 on a CPU
+
+
+def test_bf16_pretrain_step_on_the_cpu(tmp_path):
+    assert main(["pretrain", *TINY, "--epochs", "1", "--synthetic-size", "2", "--amp", "bf16", "--mixup", "0", "--cutmix", "0",
+                 "--data-root", str(tmp_path / "data"), "--output", str(tmp_path / "run")]) == 0
+    m = _metrics(tmp_path / "run")
+    assert m["effective"]["precision"] == "bf16" and m["recipe"]["amp"] == "bf16" and m["steps"] == 1
+    assert torch.isfinite(torch.tensor(m["loss"]))
+
+
+# ------------------------------------------------------------------ preemption and resume
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """An uninterrupted 4-step run (2 epochs of 2 steps)."""
+    root = tmp_path_factory.mktemp("straight")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["pretrain", *TINY, "--epochs", "2", "--data-root", str(root / "data"), "--output", str(root / "run")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+def _interrupt(argv: list[str], sig: int) -> subprocess.CompletedProcess:
+    """Run ``argv`` in a fresh process and send it ``sig`` once its first step is logged."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "reproduce", *argv], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if " step 1/" in line:
+            proc.send_signal(sig)
+            break
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(out) + stdout, stderr)
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_and_a_rerun_from_a_moved_data_root_ends_bit_identical(straight, tmp_path, sig, status):
+    data = tmp_path / "data"
+    shutil.copytree(straight / "data", data)
+    argv = ["pretrain", *TINY, "--epochs", "2", "--checkpoint-every", "0", "--output", str(tmp_path / "run")]
+    done = _interrupt([*argv, "--data-root", str(data)], sig)
+    assert done.returncode == status, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    saved = checkpointing.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert f"interrupted at step {saved['step']} of 4; checkpoint saved to {tmp_path / 'run' / 'checkpoint.pt'}; rerun the same command to resume" in done.stderr
+    assert 1 <= saved["step"] < 4 and not saved["finished"] and not (tmp_path / "run" / "metrics.json").exists()
+    if sig == signal.SIGINT:
+        return  # the resume below is the same for both signals; run it once
+
+    moved = tmp_path / "moved"
+    data.rename(moved)  # the dataset is staged elsewhere: its content, not its path, is its identity
+    assert main([*argv, "--data-root", str(moved)]) == 0
+    resumed, reference = _metrics(tmp_path / "run"), _metrics(straight / "run")
+    assert resumed["resumed_from_step"] == saved["step"] and resumed["data_digest"] == reference["data_digest"]
+    for key in ("top1", "top5", "loss", "param_digests"):
+        assert resumed[key] == reference[key], key
+
+
+def test_the_checkpoint_exists_when_the_final_evaluation_fails(straight, tmp_path, monkeypatch):
+    argv = ["pretrain", *TINY, "--epochs", "1", "--data-root", str(straight / "data"), "--output", str(tmp_path / "run")]
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("simulated out-of-memory in evaluation")
+
+    monkeypatch.setattr(pretrain, "evaluate_classification", out_of_memory)
+    with pytest.raises(RuntimeError, match="simulated"):
+        main(argv)
+    state = checkpointing.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["finished"] and state["step"] == 2 and (tmp_path / "run" / "model.safetensors").is_file()
+    monkeypatch.undo()
+    assert main(argv) == 0  # the rerun only evaluates
+    assert _metrics(tmp_path / "run")["resumed_from_step"] == 2 and _metrics(tmp_path / "run")["steps_run"] == 0
+
+
+def test_best_checkpoint_follows_the_metric_and_history_is_recorded(straight, tmp_path, monkeypatch):
+    scores = iter([60.0, 20.0])  # epoch 1 is the best; the final evaluation is worse
+
+    def scripted(*args, **kwargs):
+        return {"top1": next(scores), "top5": 100.0, "loss": 1.0, "eval_images": 4}
+
+    monkeypatch.setattr(pretrain, "evaluate_classification", scripted)
+    out = tmp_path / "run"
+    assert main(["pretrain", *TINY, "--epochs", "2", "--eval-every", "1", "--data-root", str(straight / "data"), "--output", str(out)]) == 0
+    m = _metrics(out)
+    assert m["eval_history"] == [{"step": 2, "top1": 60.0}, {"step": 4, "top1": 20.0}] and m["top1"] == 20.0
+    assert m["best"] == {"metric": "top1", "value": 60.0, "step": 2, "path": str(out / "best.pt")}
+    best = checkpointing.load_run_state(out / "best.pt")
+    assert best["step"] == 2 and "optimizer_state" not in best and checkpointing.load_checkpoint(out / "checkpoint.pt")["step"] == 4
+    live = json.loads((out / "dvclive" / "metrics.json").read_text())
+    assert live["step"] == 4 and live["eval"]["top1"] == 20.0
+    for name in ("loss", "lr", "grad_norm", "images_per_s", "memory_mb"):
+        rows = (out / "dvclive" / "plots" / "metrics" / "train" / f"{name}.tsv").read_text().splitlines()
+        assert rows[0] == f"step\t{name}" and [r.split("\t")[0] for r in rows[1:]] == ["1", "2", "3", "4"], name
+
+
+# ------------------------------------------------------------------ data index
+
+
+def test_file_index_digest_is_content_not_path(straight, tmp_path):
+    root = next((straight / "data").glob("cls-*"))
+    index = layouts.build_index("imagenet", root, ("train", "val"))
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    assert layouts.build_index("imagenet", copy, ("train", "val"))["digest"] == index["digest"]
+    first = sorted((copy / "val").rglob("*.JPEG"))[0]
+    first.write_bytes(first.read_bytes() + b"\0")  # one byte more: another dataset
+    assert layouts.build_index("imagenet", copy, ("train", "val"))["digest"] != index["digest"]
+    classes, samples = layouts.class_samples(index, copy, "train")
+    assert len(classes) == 4 and len(samples) == 4 and samples[0][0].is_relative_to(copy)
+
+
+def test_layout_errors_are_one_line_then_the_expected_layout(tmp_path, capsys):
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)
+    assert main(["pretrain", "--model", "hrvit_b1", "--dataset", "imagenet", "--data-root", str(tmp_path / "imagenet"), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    first, *rest = err.strip().splitlines()
+    assert first.startswith("python -m reproduce pretrain: error: no class folders in 'train/'; first offending path: ")
+    assert rest[0] == "expected layout:" and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ loader benchmark
+
+
+def test_loader_benchmark_reports_images_per_second():
+    result = loader_benchmark("cityscapes", None, workers=0, batches=2, batch_size=2)
+    assert set(result) >= {"dataset", "root", "workers", "batch_size", "images", "seconds", "images_per_s"}
+    assert result["images"] == 4 and result["images_per_s"] > 0 and result["root"] is None
