@@ -1,16 +1,11 @@
-"""Training runs that survive a cluster: recipes as the one source of truth, the world-size
-independent sample order, real SIGTERM/SIGINT then resume (bit-identical, from a moved data root),
-a checkpoint that exists when the final evaluation fails, best.pt, bf16 on a CPU, non-finite
-losses, the file index, DVCLive curves and the loader benchmark. Multi-process cases are in
-test_ddp.py."""
+"""Engine parts: recipes as the one source of truth, the world-size independent sample order,
+bf16 on a CPU, non-finite losses, one-line layout errors and the loader benchmark. Runs that are
+interrupted and resumed are in test_train.py, multi-process cases in test_ddp.py."""
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +14,8 @@ import yaml
 from torch import nn
 
 from reproduce.cli import RunStopped, main
-from reproduce.data import layouts
 from reproduce.data.throughput import loader_benchmark
-from reproduce.train import checkpointing, engine, pretrain, recipes
+from reproduce.train import recipes
 from reproduce.train.distributed import DistContext
 from reproduce.train.loop import Schedule, StepSampler, Trainer
 
@@ -163,110 +157,7 @@ def test_bf16_pretrain_step_on_the_cpu(tmp_path):
     assert torch.isfinite(torch.tensor(m["loss"]))
 
 
-# ------------------------------------------------------------------ preemption and resume
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> Path:
-    """An uninterrupted 4-step run (2 epochs of 2 steps)."""
-    root = tmp_path_factory.mktemp("straight")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["pretrain", *TINY, "--epochs", "2", "--data-root", str(root / "data"), "--output", str(root / "run")]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return root
-
-
-def _interrupt(argv: list[str], sig: int) -> subprocess.CompletedProcess:
-    """Run ``argv`` in a fresh process and send it ``sig`` once its first step is logged."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "reproduce", *argv], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out = []
-    for line in proc.stdout:
-        out.append(line)
-        if " step 1/" in line:
-            proc.send_signal(sig)
-            break
-    stdout, stderr = proc.communicate(timeout=300)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(out) + stdout, stderr)
-
-
-@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_saves_and_a_rerun_from_a_moved_data_root_ends_bit_identical(straight, tmp_path, sig, status):
-    data = tmp_path / "data"
-    shutil.copytree(straight / "data", data)
-    argv = ["pretrain", *TINY, "--epochs", "2", "--checkpoint-every", "0", "--output", str(tmp_path / "run")]
-    done = _interrupt([*argv, "--data-root", str(data)], sig)
-    assert done.returncode == status, done.stdout + done.stderr
-    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    saved = checkpointing.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    assert f"interrupted at step {saved['step']} of 4; checkpoint saved to {tmp_path / 'run' / 'checkpoint.pt'}; rerun the same command to resume" in done.stderr
-    assert 1 <= saved["step"] < 4 and not saved["finished"] and not (tmp_path / "run" / "metrics.json").exists()
-    if sig == signal.SIGINT:
-        return  # the resume below is the same for both signals; run it once
-
-    moved = tmp_path / "moved"
-    data.rename(moved)  # the dataset is staged elsewhere: its content, not its path, is its identity
-    assert main([*argv, "--data-root", str(moved)]) == 0
-    resumed, reference = _metrics(tmp_path / "run"), _metrics(straight / "run")
-    assert resumed["resumed_from_step"] == saved["step"] and resumed["data_digest"] == reference["data_digest"]
-    for key in ("top1", "top5", "loss", "param_digests"):
-        assert resumed[key] == reference[key], key
-
-
-def test_the_checkpoint_exists_when_the_final_evaluation_fails(straight, tmp_path, monkeypatch):
-    argv = ["pretrain", *TINY, "--epochs", "1", "--data-root", str(straight / "data"), "--output", str(tmp_path / "run")]
-
-    def out_of_memory(*args, **kwargs):
-        raise RuntimeError("simulated out-of-memory in evaluation")
-
-    monkeypatch.setattr(pretrain, "evaluate_classification", out_of_memory)
-    with pytest.raises(RuntimeError, match="simulated"):
-        main(argv)
-    state = checkpointing.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    assert state["finished"] and state["step"] == 2 and (tmp_path / "run" / "model.safetensors").is_file()
-    monkeypatch.undo()
-    assert main(argv) == 0  # the rerun only evaluates
-    assert _metrics(tmp_path / "run")["resumed_from_step"] == 2 and _metrics(tmp_path / "run")["steps_run"] == 0
-
-
-def test_best_checkpoint_follows_the_metric_and_history_is_recorded(straight, tmp_path, monkeypatch):
-    scores = iter([60.0, 20.0])  # epoch 1 is the best; the final evaluation is worse
-
-    def scripted(*args, **kwargs):
-        return {"top1": next(scores), "top5": 100.0, "loss": 1.0, "eval_images": 4}
-
-    monkeypatch.setattr(pretrain, "evaluate_classification", scripted)
-    out = tmp_path / "run"
-    assert main(["pretrain", *TINY, "--epochs", "2", "--eval-every", "1", "--data-root", str(straight / "data"), "--output", str(out)]) == 0
-    m = _metrics(out)
-    assert m["eval_history"] == [{"step": 2, "top1": 60.0}, {"step": 4, "top1": 20.0}] and m["top1"] == 20.0
-    assert m["best"] == {"metric": "top1", "value": 60.0, "step": 2, "path": str(out / "best.pt")}
-    best = checkpointing.load_run_state(out / "best.pt")
-    assert best["step"] == 2 and "optimizer_state" not in best and checkpointing.load_checkpoint(out / "checkpoint.pt")["step"] == 4
-    live = json.loads((out / "dvclive" / "metrics.json").read_text())
-    assert live["step"] == 4 and live["eval"]["top1"] == 20.0
-    for name in ("loss", "lr", "grad_norm", "images_per_s", "memory_mb"):
-        rows = (out / "dvclive" / "plots" / "metrics" / "train" / f"{name}.tsv").read_text().splitlines()
-        assert rows[0] == f"step\t{name}" and [r.split("\t")[0] for r in rows[1:]] == ["1", "2", "3", "4"], name
-
-
 # ------------------------------------------------------------------ data index
-
-
-def test_file_index_digest_is_content_not_path(straight, tmp_path):
-    root = next((straight / "data").glob("cls-*"))
-    index = layouts.build_index("imagenet", root, ("train", "val"))
-    copy = tmp_path / "copy"
-    shutil.copytree(root, copy)
-    assert layouts.build_index("imagenet", copy, ("train", "val"))["digest"] == index["digest"]
-    first = sorted((copy / "val").rglob("*.JPEG"))[0]
-    first.write_bytes(first.read_bytes() + b"\0")  # one byte more: another dataset
-    assert layouts.build_index("imagenet", copy, ("train", "val"))["digest"] != index["digest"]
-    classes, samples = layouts.class_samples(index, copy, "train")
-    assert len(classes) == 4 and len(samples) == 4 and samples[0][0].is_relative_to(copy)
 
 
 def test_layout_errors_are_one_line_then_the_expected_layout(tmp_path, capsys):
@@ -285,3 +176,17 @@ def test_loader_benchmark_reports_images_per_second():
     result = loader_benchmark("cityscapes", None, workers=0, batches=2, batch_size=2)
     assert set(result) >= {"dataset", "root", "workers", "batch_size", "images", "seconds", "images_per_s"}
     assert result["images"] == 4 and result["images_per_s"] > 0 and result["root"] is None
+
+
+# ------------------------------------------------------------------ SLURM
+
+
+def test_slurm_scripts_parse_and_launch_refuses_outside_an_allocation():
+    slurm = REPO / "scripts" / "slurm"
+    for script in ("launch.sh", "train.sbatch"):
+        assert subprocess.run(["bash", "-n", str(slurm / script)]).returncode == 0, script
+    text = (slurm / "train.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@180" in text and "#SBATCH --requeue" in text and "scontrol requeue" in text
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    done = subprocess.run([str(slurm / "launch.sh"), "-m", "reproduce", "--help"], env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "run inside a SLURM allocation" in done.stderr

@@ -1,10 +1,12 @@
 """Training engine: mIoU rules against a hand-computed case, sliding-window inference, up-front
-rejection of bad settings, the pretrain -> finetune -> evaluate chain on HRViT-b1, determinism and
-resuming after a kill."""
+rejection of bad settings, the pretrain -> finetune -> evaluate chain on HRViT-b1, determinism,
+resuming after a kill or a real SIGTERM/SIGINT (from a moved data root), a checkpoint that exists
+when the final evaluation fails, best.pt, and the data's content digest."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +17,8 @@ import torch
 from torch import nn
 
 from reproduce.cli import main
-from reproduce.train import checkpointing, engine
+from reproduce.data import layouts
+from reproduce.train import checkpointing, pretrain
 from reproduce.train.evaluation import slide_logits
 from reproduce.train.seg_metrics import confusion_matrix, scores
 
@@ -211,3 +214,95 @@ def test_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_run(pretrain
     # a changed recipe does not resume silently: the refusal names what differs
     assert main([*argv, "--lr", "0.002", "--output", str(tmp_path / "resumed")]) == 2
     _assert_one_line_error(capsys.readouterr().err, "different settings (recipe.lr: 0.001 -> 0.002)")
+
+
+# ------------------------------------------------------------------ preemption, evaluation failures, best.pt, data identity
+
+
+def _interrupt(argv: list[str], sig: int) -> subprocess.CompletedProcess:
+    """Run ``argv`` in a fresh process and send it ``sig`` once its first step is logged."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "reproduce", *argv], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if " step 1/" in line:
+            proc.send_signal(sig)
+            break
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(out) + stdout, stderr)
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_and_a_rerun_from_a_moved_data_root_ends_bit_identical(pretrained, tmp_path, sig, status):
+    data = tmp_path / "data"
+    shutil.copytree(pretrained / "data", data)
+    argv = ["pretrain", *TINY_PRETRAIN, "--epochs", "2", "--checkpoint-every", "0", "--output", str(tmp_path / "run")]
+    done = _interrupt([*argv, "--data-root", str(data)], sig)
+    assert done.returncode == status, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    saved = checkpointing.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert f"interrupted at step {saved['step']} of 4; checkpoint saved to {tmp_path / 'run' / 'checkpoint.pt'}; rerun the same command to resume" in done.stderr
+    assert 1 <= saved["step"] < 4 and not saved["finished"] and not (tmp_path / "run" / "metrics.json").exists()
+    if sig == signal.SIGINT:
+        return  # the resume below is the same for both signals; run it once
+
+    moved = tmp_path / "moved"
+    data.rename(moved)  # the dataset is staged elsewhere: its content, not its path, is its identity
+    assert main([*argv, "--data-root", str(moved)]) == 0
+    resumed, reference = _metrics(tmp_path / "run"), _metrics(pretrained / "run")
+    assert resumed["resumed_from_step"] == saved["step"] and resumed["data_digest"] == reference["data_digest"]
+    for key in ("top1", "top5", "loss", "param_digests"):
+        assert resumed[key] == reference[key], key
+
+
+def test_the_checkpoint_exists_when_the_final_evaluation_fails(pretrained, tmp_path, monkeypatch):
+    argv = ["pretrain", *TINY_PRETRAIN, "--epochs", "1", "--data-root", str(pretrained / "data"), "--output", str(tmp_path / "run")]
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("simulated out-of-memory in evaluation")
+
+    monkeypatch.setattr(pretrain, "evaluate_classification", out_of_memory)
+    with pytest.raises(RuntimeError, match="simulated"):
+        main(argv)
+    state = checkpointing.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["finished"] and state["step"] == 2 and (tmp_path / "run" / "model.safetensors").is_file()
+    monkeypatch.undo()
+    assert main(argv) == 0  # the rerun only evaluates
+    assert _metrics(tmp_path / "run")["resumed_from_step"] == 2 and _metrics(tmp_path / "run")["steps_run"] == 0
+
+
+def test_best_checkpoint_follows_the_metric_and_history_is_recorded(pretrained, tmp_path, monkeypatch):
+    scores = iter([60.0, 20.0])  # epoch 1 is the best; the final evaluation is worse
+
+    def scripted(*args, **kwargs):
+        return {"top1": next(scores), "top5": 100.0, "loss": 1.0, "eval_images": 4}
+
+    monkeypatch.setattr(pretrain, "evaluate_classification", scripted)
+    out = tmp_path / "run"
+    assert main(["pretrain", *TINY_PRETRAIN, "--epochs", "2", "--eval-every", "1", "--data-root", str(pretrained / "data"), "--output", str(out)]) == 0
+    m = _metrics(out)
+    assert m["eval_history"] == [{"step": 2, "top1": 60.0}, {"step": 4, "top1": 20.0}] and m["top1"] == 20.0
+    assert m["best"] == {"metric": "top1", "value": 60.0, "step": 2, "path": str(out / "best.pt")}
+    best = checkpointing.load_run_state(out / "best.pt")
+    assert best["step"] == 2 and "optimizer_state" not in best and checkpointing.load_checkpoint(out / "checkpoint.pt")["step"] == 4
+    live = json.loads((out / "dvclive" / "metrics.json").read_text())
+    assert live["step"] == 4 and live["eval"]["top1"] == 20.0
+    for name in ("loss", "lr", "grad_norm", "images_per_s", "memory_mb"):
+        rows = (out / "dvclive" / "plots" / "metrics" / "train" / f"{name}.tsv").read_text().splitlines()
+        assert rows[0] == f"step\t{name}" and [r.split("\t")[0] for r in rows[1:]] == ["1", "2", "3", "4"], name
+
+
+
+
+def test_file_index_digest_is_content_not_path(pretrained, tmp_path):
+    root = next((pretrained / "data").glob("cls-*"))
+    index = layouts.build_index("imagenet", root, ("train", "val"))
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    assert layouts.build_index("imagenet", copy, ("train", "val"))["digest"] == index["digest"]
+    first = sorted((copy / "val").rglob("*.JPEG"))[0]
+    first.write_bytes(first.read_bytes() + b"\0")  # one byte more: another dataset
+    assert layouts.build_index("imagenet", copy, ("train", "val"))["digest"] != index["digest"]
+    classes, samples = layouts.class_samples(index, copy, "train")
+    assert len(classes) == 4 and len(samples) == 4 and samples[0][0].is_relative_to(copy)
