@@ -15,7 +15,7 @@ from torch import nn
 
 from reproduce.cli import RunStopped, main
 from reproduce.data.throughput import loader_benchmark
-from reproduce.train import recipes
+from reproduce.train import pretrain, recipes
 from reproduce.train.distributed import DistContext
 from reproduce.train.loop import Schedule, StepSampler, Trainer
 
@@ -190,3 +190,14 @@ def test_slurm_scripts_parse_and_launch_refuses_outside_an_allocation():
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     done = subprocess.run([str(slurm / "launch.sh"), "-m", "reproduce", "--help"], env=env, capture_output=True, text=True)
     assert done.returncode != 0 and "run inside a SLURM allocation" in done.stderr
+
+
+def test_randaugment_posterize_to_zero_bits_gives_a_black_image_instead_of_a_crash():
+    from PIL import Image
+
+    transform = pretrain.make_dataset([], recipes.profile_recipe("pretrain", "paper"), augment=True).transform
+    ops = [op for t in transform.transforms for op in getattr(t, "ops", []) if op.name.startswith("Posterize")]
+    assert ops, "the paper policy has a posterize op"
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert ops[0].aug_fn(image, 0).getextrema() == ((0, 0),) * 3  # magnitude at its maximum: 0 bits kept
+    assert ops[0].aug_fn(image, 1).getpixel((0, 0)) == (128, 0, 0)

@@ -19,7 +19,7 @@ from timm.scheduler import create_scheduler_v2
 
 from models.factory import build_model
 from reproduce.data import layouts
-from reproduce.data.datasets import ImageClassDataset
+from reproduce.data.datasets import ImageClassDataset, fix_posterize
 from reproduce.train import distributed, engine, recipes
 from reproduce.train.evaluation import EvalOptions, evaluate_classification
 from reproduce.train.loop import Trainer, make_schedule, unwrap
@@ -70,10 +70,10 @@ def index_data(ctx: distributed.DistContext, root: Path, cache: Path) -> tuple[l
 def make_dataset(samples: list, recipe: recipes.PretrainRecipe, augment: bool) -> ImageClassDataset:
     """Training augmentation (RandAugment, random erasing) or the evaluation resize + centre crop."""
     if augment:
-        transform = create_transform(
+        transform = fix_posterize(create_transform(
             recipe.image_size, is_training=True, auto_augment=recipe.auto_augment, re_prob=recipe.reprob,
             re_mode="pixel", re_count=1, interpolation=recipe.train_interpolation, color_jitter=recipe.color_jitter,
-        )
+        ))
     else:
         transform = create_transform(recipe.image_size, interpolation=recipe.eval_interpolation, crop_pct=recipe.eval_crop_pct)
     return ImageClassDataset(samples, transform)
