@@ -83,7 +83,7 @@ def _micro_batches(n: int, batch: int, world: int, accum: int, epoch: int) -> li
     per_rank = []
     for rank in range(world):
         sampler = StepSampler(n, sched, rank, seed=3)
-        sampler.set_position(epoch, 0)
+        sampler.set_epoch(epoch)
         keys = [i for _, i in sampler]
         per_rank.append([keys[k : k + sched.micro_batch] for k in range(0, len(keys), sched.micro_batch)])
     steps = []
@@ -104,7 +104,7 @@ def test_the_samples_of_a_step_do_not_depend_on_the_number_of_ranks():
 def test_sampler_resumes_mid_epoch_at_the_same_samples():
     sched = Schedule(6, 3, 2, 1, 1)
     full, resumed = StepSampler(7, sched, 0, 0), StepSampler(7, sched, 0, 0)
-    resumed.set_position(0, 2)
+    resumed.set_epoch(0, 2)
     assert list(resumed) == list(full)[4:] and len(resumed) == 2
 
 

@@ -77,7 +77,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated or foreign files raise pickle, zip or torch errors
+        raise ValueError(f"{path} cannot be read as a checkpoint ({type(err).__name__}: {err}); delete it or pass another file") from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a checkpoint written by this suite (format {CHECKPOINT_FORMAT!r})")
     return state

@@ -262,7 +262,10 @@ def resume_state(spec: RunSpec, identity: dict[str, Any], log: Logger) -> dict[s
     path = spec.args.output / CHECKPOINT_NAME
     if spec.args.no_resume or not path.is_file():
         return None
-    state = load_checkpoint(path)
+    try:
+        state = load_checkpoint(path)
+    except ValueError as err:
+        raise SettingsError(f"{err}; or pass --no-resume to start over") from err
     if "identity" not in state:
         raise SettingsError(f"{path} was written by an older version of this suite and cannot be resumed; use another --output or pass --no-resume")
     diff = identity_diff(state["identity"], identity)

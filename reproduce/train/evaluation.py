@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from timm.utils import accuracy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from reproduce.train.distributed import DistContext
-from reproduce.train.loop import autocast
+from reproduce.train.loop import autocast, ignore_stop_signals
 from reproduce.train.seg_metrics import all_reduce_sum, confusion_matrix, scores
 
 
@@ -39,9 +40,11 @@ class SegTest:
     stride: int
 
 
-def shard_loader(dataset: Dataset, ctx: DistContext, batch_size: int, num_workers: int) -> DataLoader:
+def shard_loader(dataset: Dataset, ctx: DistContext, batch_size: int, num_workers: int) -> tqdm:
+    """This rank's shard in batches, with a progress bar on rank 0 when it writes to a terminal."""
     indices = list(range(ctx.rank, len(dataset), ctx.world_size))
-    return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers, pin_memory=ctx.device.type == "cuda")
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers, pin_memory=ctx.device.type == "cuda", worker_init_fn=ignore_stop_signals)
+    return tqdm(loader, desc="eval", disable=None if ctx.is_main else True, dynamic_ncols=True, leave=False)
 
 
 @torch.no_grad()

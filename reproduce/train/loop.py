@@ -60,15 +60,15 @@ def make_schedule(ctx: DistContext, dataset_len: int, micro_batch: int, accum: i
 
 
 class StepSampler(Sampler):
-    """``(epoch, index)`` keys of this rank's micro-batches, from a set position on (see the module
-    docstring). Lives in the main process, so ``set_position`` between epochs reaches a loader with
-    persistent workers."""
+    """``(epoch, index)`` keys of this rank's micro-batches of one epoch, from a given step on (see the
+    module docstring). Lives in the main process, so ``set_epoch`` between epochs reaches a loader
+    with persistent workers."""
 
     def __init__(self, dataset_len: int, sched: Schedule, rank: int, seed: int):
         self.n, self.sched, self.rank, self.seed = dataset_len, sched, rank, seed
         self.epoch, self.skip = 0, 0
 
-    def set_position(self, epoch: int, skip_steps: int) -> None:
+    def set_epoch(self, epoch: int, skip_steps: int = 0) -> None:
         self.epoch, self.skip = epoch, skip_steps
 
     def __len__(self) -> int:
@@ -91,12 +91,12 @@ def step_batches(data: Dataset, ctx: DistContext, sched: Schedule, start_step: i
     sampler = StepSampler(len(data), sched, ctx.rank, seed)
     loader = DataLoader(
         SeededSamples(data, seed), batch_size=sched.micro_batch, sampler=sampler, num_workers=num_workers,
-        drop_last=True, pin_memory=ctx.device.type == "cuda", persistent_workers=num_workers > 0,
+        drop_last=True, pin_memory=ctx.device.type == "cuda", persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals,
     )
     step = start_step
     while step < sched.total_steps:
         epoch, offset = divmod(step, sched.steps_per_epoch)
-        sampler.set_position(epoch, offset)
+        sampler.set_epoch(epoch, offset)
         micro: list = []
         for batch in loader:
             micro.append(batch)
@@ -129,6 +129,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 
 
 # --------------------------------------------------------------------------- signals
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader workers leave stop signals to the main process (a Ctrl-C reaches the whole process
+    group; SIGUSR1 would kill them): it finishes the step, saves, and shuts them down."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class Preemption:
