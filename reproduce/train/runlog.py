@@ -5,6 +5,7 @@ train/memory_mb; per evaluation: eval/top1 or eval/miou). The pipeline declares 
 so DVCLive writes no dvc.yaml and makes no experiment."""
 from __future__ import annotations
 
+import math
 import resource
 import sys
 import time
@@ -53,7 +54,8 @@ class Logger:
         if self.live is not None:
             self.live.step = step
             for key, value in values.items():
-                self.live.log_metric(key, value)
+                if math.isfinite(value):  # fp16 steps skipped for an inf gradient norm: JSON has no inf
+                    self.live.log_metric(key, value)
 
     def flush(self) -> None:
         """Write DVCLive's summary for the step logged last."""
