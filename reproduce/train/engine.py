@@ -43,9 +43,6 @@ DEFAULT_SYNTHETIC_ROOT = Path("data/synthetic")
 INDEX_DIR = ".data-index"
 INDEX_VERSION = 1
 
-__all__ = ["SettingsError", "load_checkpoint", "write_metrics", "CHECKPOINT_NAME", "METRICS_NAME"]
-
-
 # --------------------------------------------------------------------------- options and validation
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from models.factory import build_model
 from reproduce.data.datasets import SEG_DATASETS
 from reproduce.train import distributed, engine, finetune, pretrain, recipes
-from reproduce.train.checkpointing import METRICS_NAME, load_run_state
+from reproduce.train.checkpointing import METRICS_NAME, load_run_state, write_metrics
 from reproduce.train.evaluation import EvalOptions, SegTest, evaluate_classification, evaluate_segmentation
 from reproduce.train.loop import autocast_dtype, precision_name
 from reproduce.train.runlog import Logger
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
                 "checkpoint": str(args.checkpoint), "checkpoint_step": state["step"], "checkpoint_finished": state["finished"],
                 "world_size": ctx.world_size, "precision": precision_name(options.dtype), "compile": args.compile, "git_commit": engine.git_commit(),
             }
-            engine.write_metrics(args.output / METRICS_NAME, metrics)
+            write_metrics(args.output / METRICS_NAME, metrics)
             log.line(f"wrote {args.output / METRICS_NAME}")
     finally:
         distributed.teardown(ctx)
