@@ -1,6 +1,7 @@
 # Two entry points, each doing its own set-up on a fresh machine:
 #   make table5   -> builds the environment, then `dvc repro table5_ablation` (smoke profile by default)
 #   make test     -> builds the environment, then runs the test suite
+#   make gpu-check -> builds the environment, then checks a GPU machine (python -m reproduce doctor)
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 VENV ?= .venv
@@ -8,7 +9,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: setup test table5 repro bench clean-venv
+.PHONY: setup test table5 repro bench gpu-check clean-venv
 
 setup: $(STAMP)
 
@@ -30,6 +31,11 @@ repro: setup
 
 bench: setup
 	$(BIN)/python -m reproduce bench
+
+# GPU self-check (smoke training on all GPUs under torchrun/nccl, SyncBN, bf16 and fp16, evaluation,
+# CUDA benchmark); report on stdout and in results/doctor.json. Without CUDA: one line, exit 2.
+gpu-check: setup
+	@$(BIN)/python -m reproduce doctor --device cuda
 
 clean-venv:
 	rm -rf $(VENV)

@@ -65,14 +65,15 @@ def make_ade20k(root: Path, label: np.ndarray) -> Path:
 
 
 def test_imagenet_layout_is_indexed_and_loaded(tmp_path):
-    from reproduce.train.pretrain import PAPER, make_dataset
+    from reproduce.train.pretrain import make_dataset
+    from reproduce.train.recipes import profile_recipe, resolve
 
     root = make_imagenet(tmp_path / "imagenet")
     splits = layouts.index_imagenet(root)
     classes, samples = splits["train"]
     assert classes == ["n01440764", "n01443537"]
     assert [t for _, t in samples] == [0, 0, 1, 1] and len(splits["val"][1]) == 4
-    recipe = {**PAPER, "image_size": 32}
+    recipe = resolve(profile_recipe("pretrain", "paper"), {"image_size": 32})
     for augment in (True, False):
         image, target = make_dataset(samples, recipe, augment)[3]
         assert image.shape == (3, 32, 32) and target == 1

@@ -1,10 +1,12 @@
 """Training engine: mIoU rules against a hand-computed case, sliding-window inference, up-front
-rejection of bad settings, the pretrain -> finetune -> evaluate chain on HRViT-b1, determinism and
-resuming after a kill."""
+rejection of bad settings, the pretrain -> finetune -> evaluate chain on HRViT-b1, determinism,
+resuming after a kill or a real SIGTERM/SIGINT (from a moved data root), a checkpoint that exists
+when the final evaluation fails, best.pt, and the data's content digest."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +17,8 @@ import torch
 from torch import nn
 
 from reproduce.cli import main
-from reproduce.train import engine
+from reproduce.data import layouts
+from reproduce.train import checkpointing, pretrain
 from reproduce.train.evaluation import slide_logits
 from reproduce.train.seg_metrics import confusion_matrix, scores
 
@@ -126,20 +129,26 @@ def test_sliding_window_inference_covers_the_image_and_averages_overlaps():
         (["finetune", "--model", "hrvit_b1", "--window-sizes", "1", "2", "0", "7"], "positive"),
     ],
 )
-def test_invalid_settings_are_rejected_before_any_data_is_touched(tmp_path, argv, message):
+def test_invalid_settings_are_rejected_before_any_data_is_touched(tmp_path, capsys, argv, message):
     data = tmp_path / "data"
     argv = argv + ["--output", str(tmp_path / "out")] + ([] if "--data-root" in argv or "imagenet" in argv else ["--data-root", str(data)])
     if "cityscapes" in argv:
         argv += ["--data-root", str(data)]  # does not exist: the crop check must fire first
-    with pytest.raises(engine.SettingsError, match=message):
-        main(argv)
+    assert main(argv) == 2
+    _assert_one_line_error(capsys.readouterr().err, message)
     assert not data.exists() and not (tmp_path / "out").exists()
 
 
-def test_batch_not_divisible_by_world_size_is_rejected(tmp_path, monkeypatch):
+def _assert_one_line_error(err: str, message: str) -> None:
+    """``python -m reproduce CMD: error: ...`` on one line, no traceback."""
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert ": error: " in err and message in err, err
+
+
+def test_batch_not_divisible_by_world_size_is_rejected(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun announces, read before any process group exists
-    with pytest.raises(engine.SettingsError, match="not divisible by world size 2"):
-        main(["pretrain", "--model", "hrvit_b1", "--batch-size", "7", "--data-root", str(tmp_path / "d"), "--output", str(tmp_path / "o")])
+    assert main(["pretrain", "--model", "hrvit_b1", "--batch-size", "7", "--data-root", str(tmp_path / "d"), "--output", str(tmp_path / "o")]) == 2
+    _assert_one_line_error(capsys.readouterr().err, "not divisible by world size 2")
     assert not (tmp_path / "d").exists()
 
 
@@ -154,8 +163,14 @@ def test_pretrain_finetune_evaluate_chain(pretrained, tmp_path):
     assert pre["model"] == "hrvit_b1" and pre["model_settings"]["ablate"] == [] and pre["recipe"]["batch_size"] == 2
     assert pre["steps"] == 4 and pre["recipe"]["mixup"] == 0.8 and pre["recipe"]["auto_augment"] == "rand-m9-mstd0.5-inc1"
     checkpoint = pretrained / "run" / "checkpoint.pt"
-    state = engine.load_checkpoint(checkpoint)
+    state = checkpointing.load_checkpoint(checkpoint)
     assert state["finished"] and state["step"] == 4 and state["task"] == "cls" and state["model"] == "hrvit_b1"
+    weights = checkpointing.load_run_state(pretrained / "run" / "model.safetensors")  # the slim, cached output
+    assert weights["format"] == "hrvit-repro-weights/1" and "optimizer_state" not in weights
+    for key in ("task", "model", "model_settings", "num_classes", "class_names", "profile", "dataset", "recipe", "step", "total_steps", "finished"):
+        assert weights[key] == state[key], key
+    assert weights["model_state"].keys() == state["model_state"].keys()
+    assert all(torch.equal(weights["model_state"][k], v) for k, v in state["model_state"].items())
 
     data = tmp_path / "data"
     assert main(["finetune", *TINY_FINETUNE, "--window-sizes", "1", "2", "7", "7", "--pretrained", str(checkpoint),
@@ -171,19 +186,24 @@ def test_pretrain_finetune_evaluate_chain(pretrained, tmp_path):
     assert main(["evaluate", "--checkpoint", str(tmp_path / "ft" / "checkpoint.pt"), "--data-root", str(data), "--output", str(tmp_path / "ev")]) == 0
     ev = _metrics(tmp_path / "ev")
     assert ev["miou"] == ft["miou"] and ev["per_class_iou"] == ft["per_class_iou"] and ev["profile"] == "smoke"
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "ft" / "model.safetensors"), "--data-root", str(data), "--output", str(tmp_path / "ev2")]) == 0
+    assert _metrics(tmp_path / "ev2")["miou"] == ft["miou"]
+    assert main(["finetune", *TINY_FINETUNE, "--pretrained", str(pretrained / "run" / "model.safetensors"),
+                 "--data-root", str(data), "--output", str(tmp_path / "ft-st")]) == 0
+    assert _metrics(tmp_path / "ft-st")["pretrained"]["loaded"] == ft["pretrained"]["loaded"]
 
-    with pytest.raises(ValueError, match="trained with --ablate"):  # a checkpoint of another variant is refused
-        main(["finetune", *TINY_FINETUNE, "--ablate", "des", "--pretrained", str(checkpoint), "--data-root", str(data), "--output", str(tmp_path / "ft2")])
+    # a checkpoint of another variant is refused
+    assert main(["finetune", *TINY_FINETUNE, "--ablate", "des", "--pretrained", str(checkpoint), "--data-root", str(data), "--output", str(tmp_path / "ft2")]) == 2
 
 
-def test_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_run(pretrained, tmp_path):
+def test_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_run(pretrained, tmp_path, capsys):
     argv = ["pretrain", *TINY_PRETRAIN, "--data-root", str(pretrained / "data")]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     killed = subprocess.run([sys.executable, "-m", "reproduce", *argv, "--output", str(tmp_path / "resumed"), "--kill-after-steps", "3"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     assert not (tmp_path / "resumed" / "metrics.json").exists()
-    assert engine.load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 2  # step 3 was lost with the process
+    assert checkpointing.load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 2  # step 3 was lost with the process
 
     assert main([*argv, "--output", str(tmp_path / "resumed")]) == 0
     straight, resumed = _metrics(pretrained / "run"), _metrics(tmp_path / "resumed")
@@ -191,5 +211,98 @@ def test_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_run(pretrain
     for key in ("top1", "top5", "loss", "param_digests"):  # a separate process, killed and resumed: bit-identical
         assert resumed[key] == straight[key], key
 
-    with pytest.raises(engine.SettingsError, match="different settings"):  # a changed recipe does not resume silently
-        main([*argv, "--lr", "0.002", "--output", str(tmp_path / "resumed")])
+    # a changed recipe does not resume silently: the refusal names what differs
+    assert main([*argv, "--lr", "0.002", "--output", str(tmp_path / "resumed")]) == 2
+    _assert_one_line_error(capsys.readouterr().err, "different settings (recipe.lr: 0.001 -> 0.002)")
+
+
+# ------------------------------------------------------------------ preemption, evaluation failures, best.pt, data identity
+
+
+def _interrupt(argv: list[str], sig: int) -> subprocess.CompletedProcess:
+    """Run ``argv`` in a fresh process and send it ``sig`` once its first step is logged."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "reproduce", *argv], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if " step 1/" in line:
+            proc.send_signal(sig)
+            break
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(out) + stdout, stderr)
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_and_a_rerun_from_a_moved_data_root_ends_bit_identical(pretrained, tmp_path, sig, status):
+    data = tmp_path / "data"
+    shutil.copytree(pretrained / "data", data)
+    argv = ["pretrain", *TINY_PRETRAIN, "--epochs", "2", "--checkpoint-every", "0", "--output", str(tmp_path / "run")]
+    done = _interrupt([*argv, "--data-root", str(data)], sig)
+    assert done.returncode == status, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    saved = checkpointing.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert f"interrupted at step {saved['step']} of 4; checkpoint saved to {tmp_path / 'run' / 'checkpoint.pt'}; rerun the same command to resume" in done.stderr
+    assert 1 <= saved["step"] < 4 and not saved["finished"] and not (tmp_path / "run" / "metrics.json").exists()
+    if sig == signal.SIGINT:
+        return  # the resume below is the same for both signals; run it once
+
+    moved = tmp_path / "moved"
+    data.rename(moved)  # the dataset is staged elsewhere: its content, not its path, is its identity
+    assert main([*argv, "--data-root", str(moved)]) == 0
+    resumed, reference = _metrics(tmp_path / "run"), _metrics(pretrained / "run")
+    assert resumed["resumed_from_step"] == saved["step"] and resumed["data_digest"] == reference["data_digest"]
+    for key in ("top1", "top5", "loss", "param_digests"):
+        assert resumed[key] == reference[key], key
+
+
+def test_the_checkpoint_exists_when_the_final_evaluation_fails(pretrained, tmp_path, monkeypatch):
+    argv = ["pretrain", *TINY_PRETRAIN, "--epochs", "1", "--data-root", str(pretrained / "data"), "--output", str(tmp_path / "run")]
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("simulated out-of-memory in evaluation")
+
+    monkeypatch.setattr(pretrain, "evaluate_classification", out_of_memory)
+    with pytest.raises(RuntimeError, match="simulated"):
+        main(argv)
+    state = checkpointing.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["finished"] and state["step"] == 2 and (tmp_path / "run" / "model.safetensors").is_file()
+    monkeypatch.undo()
+    assert main(argv) == 0  # the rerun only evaluates
+    assert _metrics(tmp_path / "run")["resumed_from_step"] == 2 and _metrics(tmp_path / "run")["steps_run"] == 0
+
+
+def test_best_checkpoint_follows_the_metric_and_history_is_recorded(pretrained, tmp_path, monkeypatch):
+    scores = iter([60.0, 20.0])  # epoch 1 is the best; the final evaluation is worse
+
+    def scripted(*args, **kwargs):
+        return {"top1": next(scores), "top5": 100.0, "loss": 1.0, "eval_images": 4}
+
+    monkeypatch.setattr(pretrain, "evaluate_classification", scripted)
+    out = tmp_path / "run"
+    assert main(["pretrain", *TINY_PRETRAIN, "--epochs", "2", "--eval-every", "1", "--data-root", str(pretrained / "data"), "--output", str(out)]) == 0
+    m = _metrics(out)
+    assert m["eval_history"] == [{"step": 2, "top1": 60.0}, {"step": 4, "top1": 20.0}] and m["top1"] == 20.0
+    assert m["best"] == {"metric": "top1", "value": 60.0, "step": 2, "path": str(out / "best.pt")}
+    best = checkpointing.load_run_state(out / "best.pt")
+    assert best["step"] == 2 and "optimizer_state" not in best and checkpointing.load_checkpoint(out / "checkpoint.pt")["step"] == 4
+    live = json.loads((out / "dvclive" / "metrics.json").read_text())
+    assert live["step"] == 4 and live["eval"]["top1"] == 20.0
+    for name in ("loss", "lr", "grad_norm", "images_per_s", "memory_mb"):
+        rows = (out / "dvclive" / "plots" / "metrics" / "train" / f"{name}.tsv").read_text().splitlines()
+        assert rows[0] == f"step\t{name}" and [r.split("\t")[0] for r in rows[1:]] == ["1", "2", "3", "4"], name
+
+
+
+
+def test_file_index_digest_is_content_not_path(pretrained, tmp_path):
+    root = next((pretrained / "data").glob("cls-*"))
+    index = layouts.build_index("imagenet", root, ("train", "val"))
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    assert layouts.build_index("imagenet", copy, ("train", "val"))["digest"] == index["digest"]
+    first = sorted((copy / "val").rglob("*.JPEG"))[0]
+    first.write_bytes(first.read_bytes() + b"\0")  # one byte more: another dataset
+    assert layouts.build_index("imagenet", copy, ("train", "val"))["digest"] != index["digest"]
+    classes, samples = layouts.class_samples(index, copy, "train")
+    assert len(classes) == 4 and len(samples) == 4 and samples[0][0].is_relative_to(copy)

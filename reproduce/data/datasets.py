@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from reproduce.data import layouts, synthetic
@@ -89,13 +89,38 @@ def label_lut(kind: str) -> np.ndarray | None:
     raise ValueError(f"unknown label kind {kind!r}")
 
 
+def seg_layout(name: str) -> str:
+    """The on-disk layout of segmentation dataset ``name`` (generated scenes use Cityscapes')."""
+    return "ade20k" if name == "ade20k" else "cityscapes"
+
+
 def index_segmentation(name: str, root: Path | str, split: str) -> list[layouts.SegSample]:
     """Samples of ``split`` ("train" or "val") of segmentation dataset ``name`` under ``root``."""
-    info = SEG_DATASETS[name]
-    folder = info.splits[("train", "val").index(split)]
+    folder = SEG_DATASETS[name].splits[("train", "val").index(split)]
     if name == "ade20k":
         return layouts.index_ade20k(root, folder)
-    return layouts.index_cityscapes(root, folder)  # cityscapes and the generated scenes share the layout
+    return layouts.index_cityscapes(root, folder)
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
+    """timm's RandAugment posterize with 0 bits kept meaning a black image, as older Pillow computed
+    it (mask 0). Current Pillow rejects 0 bits, which the paper's ``rand-m9-mstd0.5-inc1`` policy
+    draws whenever the noisy magnitude reaches its maximum (a few images in a thousand): without
+    this, a crash within the first ImageNet epoch."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def fix_posterize(transform: Callable) -> Callable:
+    """Point every posterize op of the RandAugment inside a timm ``Compose`` at :func:`posterize`."""
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if op.name.startswith("Posterize"):
+                op.aug_fn = posterize
+    return transform
 
 
 def _load_rgb(path: Path) -> Image.Image:
