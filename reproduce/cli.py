@@ -2,11 +2,16 @@
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
 Only the chosen module is imported, so ``--help`` and light subcommands stay fast.
+
+Bad input is reported as one ``error:`` line (plus, where it helps, the expected layout) with exit
+status 2 and no traceback: commands raise :class:`UsageError` for it. A run that stops on purpose
+(a signal, a non-finite loss) raises :class:`RunStopped` with its message and exit status.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -17,8 +22,26 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("reproduce.train.pretrain", "ImageNet(-layout) classification pretraining"),
     "finetune": ("reproduce.train.finetune", "semantic-segmentation fine-tuning (Cityscapes/ADE20K layouts)"),
     "evaluate": ("reproduce.train.evaluate", "evaluate a checkpoint on a dataset split"),
+    "doctor": ("reproduce.doctor", "GPU self-check: smoke training under torchrun/nccl, bf16/fp16, SyncBN, benchmark"),
     "tables": ("reproduce.tables", "regenerate the paper's tables, Figure 5 and the claims ledger"),
 }
+
+
+class UsageError(ValueError):
+    """A setting, name, path or dataset layout that cannot work: one ``error:`` line, exit status 2."""
+
+
+class RunStopped(Exception):
+    """A run that ended early on purpose (signal, non-finite loss): ``message`` and exit ``status``."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun (every rank raises the same error; one line is enough)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _top_level_parser() -> argparse.ArgumentParser:
@@ -47,7 +70,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m reproduce {name}", description=text)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except UsageError as err:
+        if _is_main_process():
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    except RunStopped as err:
+        if _is_main_process():
+            print(f"{parser.prog}: {err}", file=sys.stderr)
+        return err.status
+    except KeyboardInterrupt:  # a Ctrl-C outside the training loop (which saves and raises RunStopped)
+        if _is_main_process():
+            print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -89,13 +89,17 @@ def label_lut(kind: str) -> np.ndarray | None:
     raise ValueError(f"unknown label kind {kind!r}")
 
 
+def seg_layout(name: str) -> str:
+    """The on-disk layout of segmentation dataset ``name`` (generated scenes use Cityscapes')."""
+    return "ade20k" if name == "ade20k" else "cityscapes"
+
+
 def index_segmentation(name: str, root: Path | str, split: str) -> list[layouts.SegSample]:
     """Samples of ``split`` ("train" or "val") of segmentation dataset ``name`` under ``root``."""
-    info = SEG_DATASETS[name]
-    folder = info.splits[("train", "val").index(split)]
+    folder = SEG_DATASETS[name].splits[("train", "val").index(split)]
     if name == "ade20k":
         return layouts.index_ade20k(root, folder)
-    return layouts.index_cityscapes(root, folder)  # cityscapes and the generated scenes share the layout
+    return layouts.index_cityscapes(root, folder)
 
 
 def _load_rgb(path: Path) -> Image.Image:

@@ -7,8 +7,13 @@ model is built.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from reproduce.cli import UsageError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
@@ -30,12 +35,20 @@ ADE20K (SceneParsing release):
   (<root> may also be the ADEChallengeData2016 folder itself)"""
 
 
-class DataLayoutError(ValueError):
-    """A dataset root that does not match the layout the loader expects."""
+class DataLayoutError(UsageError):
+    """A dataset root that does not match the layout the loader expects: the problem and the first
+    offending path on one line, then the expected layout."""
 
     def __init__(self, problem: str, layout: str, offending: Path | str | None = None):
-        where = f"\n  first offending path: {offending}" if offending is not None else ""
+        where = f"; first offending path: {offending}" if offending is not None else ""
         super().__init__(f"{problem}{where}\nexpected layout:\n{layout}")
+
+    @classmethod
+    def from_message(cls, message: str) -> "DataLayoutError":
+        """The same error re-raised on another rank from its message."""
+        err = cls.__new__(cls)
+        UsageError.__init__(err, message)
+        return err
 
 
 @dataclass(frozen=True)
@@ -128,3 +141,55 @@ def index_ade20k(root: Path | str, split: str) -> list[SegSample]:
             raise DataLayoutError("image without an annotation", ADE20K_LAYOUT, label)
         samples.append(SegSample(image, label, "ade"))
     return samples
+
+
+# --------------------------------------------------------------------------- file index and data identity
+
+LAYOUTS = ("imagenet", "cityscapes", "ade20k")
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def build_index(layout: str, root: Path | str, splits: tuple[str, ...]) -> dict:
+    """The validated file list of ``splits`` under ``root`` as JSON-able data, with ``digest``: a hash
+    of every file's path relative to the root and its size. The digest is the data's identity (a
+    moved copy has the same one) and the index is what other ranks and later launches read instead
+    of walking and stat-ing the tree again."""
+    root = Path(root)
+    index: dict = {"layout": layout, "splits": {}}
+    h = hashlib.sha256(layout.encode())
+    if layout == "imagenet":
+        for split, (classes, samples) in index_imagenet(root).items():
+            index["splits"][split] = {"classes": classes, "samples": [[_relative(p, root), c] for p, c in samples]}
+            files = [p for p, _ in samples]
+            h.update(f"{split}:{len(classes)}:{','.join(classes)}".encode())
+            _hash_files(h, files, root)
+    elif layout in ("cityscapes", "ade20k"):
+        index_split = index_cityscapes if layout == "cityscapes" else index_ade20k
+        for split in splits:
+            samples = index_split(root, split)
+            index["splits"][split] = {"samples": [[_relative(s.image, root), _relative(s.label, root), s.label_kind] for s in samples]}
+            h.update(f"{split}:".encode())
+            _hash_files(h, [p for s in samples for p in (s.image, s.label)], root)
+    else:
+        raise ValueError(f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}")
+    index["digest"] = h.hexdigest()[:16]
+    return index
+
+
+def _hash_files(h: Any, files: list[Path], root: Path) -> None:
+    for path in files:
+        h.update(f"{_relative(path, root)}\0{os.stat(path).st_size}\n".encode())
+
+
+def class_samples(index: dict, root: Path | str, split: str) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Classes and ``(image, class)`` pairs of an ImageNet-layout split from its index."""
+    entry = index["splits"][split]
+    return list(entry["classes"]), [(Path(root) / rel, int(c)) for rel, c in entry["samples"]]
+
+
+def seg_samples(index: dict, root: Path | str, split: str) -> list[SegSample]:
+    """Image/label pairs of a segmentation split from its index."""
+    return [SegSample(Path(root) / image, Path(root) / label, kind) for image, label, kind in index["splits"][split]["samples"]]

@@ -11,6 +11,7 @@ killed half-way) never sees half a file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -40,10 +41,17 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # some writers create private files; results are shared
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -98,3 +106,18 @@ def load_run_state(path: Path) -> dict[str, Any]:
     if path.suffix == ".safetensors":
         return load_weights(path)
     return load_checkpoint(path)
+
+
+def run_fingerprint(identity: dict[str, Any]) -> str:
+    """Short hash of a run's identity (the settings that determine its numbers)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Every setting that differs between two run identities, as ``name: old -> new``."""
+    missing = object()
+    return [
+        f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key, missing) != new.get(key, missing)
+    ]

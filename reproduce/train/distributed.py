@@ -11,6 +11,8 @@ import torch.distributed as dist
 from timm.utils import distribute_bn
 from torch import nn
 
+from reproduce.cli import UsageError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -39,7 +41,7 @@ def setup(device: str = "auto") -> DistContext:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but CUDA is not available")
+        raise UsageError("--device cuda was asked for but CUDA is not available on this machine; use --device cpu or auto")
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
@@ -51,6 +53,24 @@ def setup(device: str = "auto") -> DistContext:
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()
+
+
+def any_rank(ctx: DistContext, flags: list[bool]) -> list[bool]:
+    """Each flag OR-ed over all ranks (one small all-reduce), so every rank takes the same decision."""
+    if not ctx.distributed:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def gather_objects(ctx: DistContext, obj: object) -> list:
+    """``obj`` of every rank, in rank order (a picklable value)."""
+    if not ctx.distributed:
+        return [obj]
+    out: list = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def teardown(ctx: DistContext) -> None:
@@ -78,9 +98,4 @@ def parameter_digest(model: nn.Module) -> str:
 
 def gather_digests(ctx: DistContext, model: nn.Module) -> list[str]:
     """Every rank's parameter digest (rank order), to check that DDP kept the replicas identical."""
-    digest = parameter_digest(model)
-    if not ctx.distributed:
-        return [digest]
-    out: list[str | None] = [None] * ctx.world_size
-    dist.all_gather_object(out, digest)
-    return [str(d) for d in out]
+    return [str(d) for d in gather_objects(ctx, parameter_digest(model))]

@@ -1,21 +1,25 @@
-"""``python -m reproduce evaluate``: score a pretrain or finetune checkpoint on a dataset split.
+"""``python -m reproduce evaluate``: score a pretrain or finetune run on a dataset split.
 
-The model, its settings and the test-time recipe (image size, crop, sliding window) come from the
-checkpoint; ``--window-sizes`` may change the HRViT stripe widths at test time (they hold no
-weights), while ``--ablate`` must match the checkpoint's. Runs under torchrun like training does
-(each rank scores a shard, the sums are all-reduced).
+Reads ``checkpoint.pt``, ``best.pt`` or ``model.safetensors``. The model, its settings and the
+test-time recipe (image size, crop, sliding window) come from the file; ``--window-sizes`` may
+change the HRViT stripe widths at test time (they hold no weights), while ``--ablate`` must match
+the file's. Runs under torchrun like training does (each rank scores a shard, the sums are
+all-reduced).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
 from models.factory import build_model
 from reproduce.data.datasets import SEG_DATASETS
-from reproduce.train import distributed, engine, finetune, pretrain
+from reproduce.train import distributed, engine, finetune, pretrain, recipes
 from reproduce.train.checkpointing import METRICS_NAME, load_run_state
-from reproduce.train.evaluation import evaluate_classification, evaluate_segmentation
+from reproduce.train.evaluation import EvalOptions, SegTest, evaluate_classification, evaluate_segmentation
+from reproduce.train.loop import autocast_dtype, precision_name
+from reproduce.train.runlog import Logger
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,9 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, required=True, help="folder for metrics.json")
     parser.add_argument("--ablate", nargs="+", default=None, metavar="NAME", help="HRViT only: must match the checkpoint's ablations")
     parser.add_argument("--window-sizes", nargs=4, type=int, default=None, metavar=("A", "B", "C", "D"), help="HRViT only: stripe widths at test time")
-    parser.add_argument("--batch-size", type=int, default=None, help="classification: global eval batch")
+    parser.add_argument("--batch-size", "--eval-batch-size", dest="batch_size", type=int, default=None,
+                        help="classification: global eval batch; segmentation: sliding windows per forward (default: the run's --eval-batch-size)")
     parser.add_argument("--synthetic-size", type=int, default=None, help="generated data: images per split (default: the checkpoint's)")
     parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--amp", choices=recipes.AMP_MODES, default=None, help="precision of the evaluation (default: the run's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (default off)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
 
@@ -42,10 +49,17 @@ def _settings(args: argparse.Namespace, state: dict) -> dict:
     return settings
 
 
-def run(args: argparse.Namespace) -> int:
-    start = time.time()
-    state = load_run_state(args.checkpoint)
-    task, name, recipe = state["task"], state["model"], dict(state["recipe"])
+def _load(args: argparse.Namespace) -> tuple[dict, recipes.CommonRecipe, dict]:
+    """The run's state, its recipe with this command's overrides, and the model settings; all checked
+    before any data is read."""
+    try:
+        state = load_run_state(args.checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        raise engine.SettingsError(f"--checkpoint {err}") from err
+    task = state["task"]
+    overrides = {"synthetic_size": args.synthetic_size, "num_workers": args.num_workers, "eval_batch_size": args.batch_size, "amp": args.amp}
+    recipe = recipes.from_record("pretrain" if task == "cls" else "finetune", state["recipe"])
+    recipe = recipes.resolve(recipe, {k: v for k, v in overrides.items() if v is not None})
     settings = _settings(args, state)
     args.dataset = args.dataset or state["dataset"]
     valid = pretrain.DATASETS if task == "cls" else tuple(SEG_DATASETS)
@@ -53,46 +67,51 @@ def run(args: argparse.Namespace) -> int:
         raise engine.SettingsError(f"a {task} checkpoint is evaluated on one of {', '.join(valid)}, got {args.dataset!r}")
     if args.dataset != "synthetic" and args.data_root is None:
         raise engine.SettingsError(f"--dataset {args.dataset} needs --data-root")
-    for key in ("synthetic_size", "num_workers"):
-        if getattr(args, key) is not None:
-            recipe[key] = getattr(args, key)
+    if task == "seg" and args.dataset != state["dataset"] and SEG_DATASETS[args.dataset].num_classes != state["num_classes"]:
+        raise engine.SettingsError(f"the checkpoint predicts {state['num_classes']} classes; {args.dataset} has {SEG_DATASETS[args.dataset].num_classes}")
+    return state, recipe, settings
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.time()
+    state, recipe, settings = _load(args)
+    task, name = state["task"], state["model"]
     ctx = distributed.setup(args.device)
-    engine.configure_threads(recipe.get("threads"))
+    engine.configure_threads(recipe.threads)
     try:
-        log = engine.Logger(ctx, "evaluate")
-        amp = engine.use_amp(recipe, ctx)
+        log = Logger(ctx, "evaluate")
+        options = EvalOptions(0, recipe.num_workers, autocast_dtype(recipe.amp, ctx.device))
         kwargs = engine.model_kwargs(name, {**settings, "drop_path_rate": 0.0})
         if task == "cls":
             root = pretrain.data_root(args, recipe, ctx)
-            classes, samples = pretrain.index_data(root)
+            classes, samples, _ = pretrain.index_data(ctx, root, args.output)
             if classes != state["class_names"]:
                 raise engine.SettingsError(f"{args.dataset} at {root} has {len(classes)} classes that differ from the checkpoint's {len(state['class_names'])}")
             dataset = pretrain.make_dataset(samples[args.split], recipe, augment=False)
-            model = build_model(name, "cls", num_classes=state["num_classes"], **kwargs)
+            options = dataclasses.replace(options, batch_size=max(1, recipe.eval_batch_size // ctx.world_size))
         else:
-            if args.dataset != state["dataset"] and SEG_DATASETS[args.dataset].num_classes != state["num_classes"]:
-                raise engine.SettingsError(f"the checkpoint predicts {state['num_classes']} classes; {args.dataset} has {SEG_DATASETS[args.dataset].num_classes}")
             root = finetune.data_root(args, recipe, ctx)
-            dataset = finetune.build_dataset(args.dataset, root, args.split, recipe, augment=False)
-            model = build_model(name, "seg", num_classes=state["num_classes"], **kwargs)
+            samples, _ = finetune.index_data(ctx, args.dataset, root, args.output)
+            dataset = finetune.build_dataset(args.dataset, samples[args.split], recipe, augment=False)
+            options = dataclasses.replace(options, batch_size=recipe.eval_batch_size)
+        model = build_model(name, task, num_classes=state["num_classes"], **kwargs)
         model.load_state_dict(state["model_state"])
-        model = engine.wrap_ddp(model, ctx, sync_bn=False)
+        model = engine.wrap_model(model, ctx, sync_bn=False, compile_model=args.compile)
         data_source = "generated" if args.dataset == "synthetic" else str(root)
         log.line(f"{name} ({task}, step {state['step']}/{state['total_steps']}) on {args.dataset} {args.split}: {len(dataset)} images, world {ctx.world_size}")
         if task == "cls":
-            batch = max(1, (args.batch_size or recipe["eval_batch_size"]) // ctx.world_size)
-            result = evaluate_classification(model, dataset, ctx, batch, recipe["num_workers"], amp)
+            result = evaluate_classification(model, dataset, ctx, options)
             log.line(f"top-1 {result['top1']:.2f} top-5 {result['top5']:.2f} loss {result['loss']:.4f}")
         else:
-            info = SEG_DATASETS[args.dataset]
-            result = evaluate_segmentation(model, dataset, ctx, info.num_classes, info.class_names, recipe["test_mode"], recipe["test_crop"], recipe["test_stride"], recipe["num_workers"], amp)
+            test = SegTest(recipe.test_mode, recipe.test_crop, recipe.test_stride)
+            result = evaluate_segmentation(model, dataset, ctx, SEG_DATASETS[args.dataset].class_names, test, options)
             log.line(f"mIoU {100 * result['miou']:.2f} pixel acc {100 * result['pixel_accuracy']:.2f}")
         if ctx.is_main:
             metrics = {
                 **result, "wall_time_s": time.time() - start, "task": task, "profile": state["profile"], "dataset": args.dataset,
-                "split": args.split, "data_source": data_source, "model": name, "model_settings": settings, "recipe": recipe,
+                "split": args.split, "data_source": data_source, "model": name, "model_settings": settings, "recipe": dataclasses.asdict(recipe),
                 "checkpoint": str(args.checkpoint), "checkpoint_step": state["step"], "checkpoint_finished": state["finished"],
-                "world_size": ctx.world_size, "git_commit": engine.git_commit(),
+                "world_size": ctx.world_size, "precision": precision_name(options.dtype), "compile": args.compile, "git_commit": engine.git_commit(),
             }
             engine.write_metrics(args.output / METRICS_NAME, metrics)
             log.line(f"wrote {args.output / METRICS_NAME}")

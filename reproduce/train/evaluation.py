@@ -6,6 +6,7 @@ Each rank scores a disjoint shard of the split (no padding duplicates, unlike
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -15,7 +16,27 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from reproduce.train.distributed import DistContext
+from reproduce.train.loop import autocast
 from reproduce.train.seg_metrics import all_reduce_sum, confusion_matrix, scores
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How to run an evaluation: images (classification) or sliding windows (segmentation) per
+    forward pass on each rank, loader workers, and the autocast dtype (None: fp32)."""
+
+    batch_size: int
+    num_workers: int
+    dtype: torch.dtype | None
+
+
+@dataclass(frozen=True)
+class SegTest:
+    """Test-time inference of a segmentation recipe: "slide" (window ``crop``, ``stride``) or "whole"."""
+
+    mode: str
+    crop: int
+    stride: int
 
 
 def shard_loader(dataset: Dataset, ctx: DistContext, batch_size: int, num_workers: int) -> DataLoader:
@@ -24,14 +45,14 @@ def shard_loader(dataset: Dataset, ctx: DistContext, batch_size: int, num_worker
 
 
 @torch.no_grad()
-def evaluate_classification(model: nn.Module, dataset: Dataset, ctx: DistContext, batch_size: int, num_workers: int, amp: bool) -> dict[str, float]:
+def evaluate_classification(model: nn.Module, dataset: Dataset, ctx: DistContext, options: EvalOptions) -> dict[str, float]:
     """Top-1/top-5 accuracy (%) and mean cross-entropy over the whole split."""
     model.eval()
     net = getattr(model, "module", model)  # no DDP forward: shards may differ in batch count
     sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, images
-    for images, targets in shard_loader(dataset, ctx, batch_size, num_workers):
+    for images, targets in shard_loader(dataset, ctx, options.batch_size, options.num_workers):
         images, targets = images.to(ctx.device), targets.to(ctx.device)
-        with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=amp):
+        with autocast(ctx.device, options.dtype):
             logits = net(images).float()
         num_classes = logits.shape[1]
         top1, top5 = accuracy(logits, targets, topk=(1, min(5, num_classes)))
@@ -42,10 +63,11 @@ def evaluate_classification(model: nn.Module, dataset: Dataset, ctx: DistContext
     return {"loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n, "eval_images": int(n)}
 
 
-def slide_logits(model: nn.Module, image: torch.Tensor, num_classes: int, crop: int, stride: int) -> torch.Tensor:
+def slide_logits(model: nn.Module, image: torch.Tensor, num_classes: int, crop: int, stride: int, batch: int | None = None) -> torch.Tensor:
     """mmseg ``slide_inference``: crop windows with ``stride`` (the last one aligned to the border),
     each predicted at the crop size, logits averaged where windows overlap. ``image``: (1, 3, H, W).
-    The windows of one image go through the model as one batch (the model is in eval mode)."""
+    The windows go through the model ``batch`` at a time (all at once when None), so memory stays
+    bounded on large images (the model is in eval mode: the chunking does not change the result)."""
     _, _, h, w = image.shape
     rows = max(h - crop + stride - 1, 0) // stride + 1
     cols = max(w - crop + stride - 1, 0) // stride + 1
@@ -56,7 +78,8 @@ def slide_logits(model: nn.Module, image: torch.Tensor, num_classes: int, crop: 
             boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
     # images smaller than a window are padded at the bottom/right, as mmseg does
     windows = torch.cat([F.pad(image[:, :, y1:y2, x1:x2], (0, crop - (x2 - x1), 0, crop - (y2 - y1))) for y1, y2, x1, x2 in boxes])
-    out = model.predict(windows).float()
+    step = batch or len(windows)
+    out = torch.cat([model.predict(windows[i : i + step]).float() for i in range(0, len(windows), step)])
     logits = image.new_zeros((1, num_classes, h, w), dtype=torch.float32)
     count = image.new_zeros((1, 1, h, w), dtype=torch.float32)
     for k, (y1, y2, x1, x2) in enumerate(boxes):
@@ -66,21 +89,19 @@ def slide_logits(model: nn.Module, image: torch.Tensor, num_classes: int, crop: 
 
 
 @torch.no_grad()
-def evaluate_segmentation(
-    model: nn.Module, dataset: Dataset, ctx: DistContext, num_classes: int, class_names: Sequence[str],
-    mode: str, crop: int, stride: int, num_workers: int, amp: bool,
-) -> dict:
+def evaluate_segmentation(model: nn.Module, dataset: Dataset, ctx: DistContext, class_names: Sequence[str], test: SegTest, options: EvalOptions) -> dict:
     """mIoU / per-class IoU / pixel accuracy on the confusion matrix summed over the split and ranks.
 
-    ``mode`` "slide" (Cityscapes) or "whole" (ADE20K); logits are resized to the label's original
-    size before the argmax, as mmseg does."""
+    ``test.mode`` "slide" (Cityscapes) or "whole" (ADE20K); one image per step, logits resized to
+    the label's original size before the argmax, as mmseg does."""
+    num_classes = len(class_names)
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=ctx.device)
     net = getattr(model, "module", model)  # no DDP forward: shards may differ in batch count
-    for image, label in shard_loader(dataset, ctx, 1, num_workers):
+    for image, label in shard_loader(dataset, ctx, 1, options.num_workers):
         image, label = image.to(ctx.device), label.to(ctx.device)
-        with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=amp):
-            logits = slide_logits(net, image, num_classes, crop, stride) if mode == "slide" else net.predict(image).float()
+        with autocast(ctx.device, options.dtype):
+            logits = slide_logits(net, image, num_classes, test.crop, test.stride, options.batch_size) if test.mode == "slide" else net.predict(image).float()
         if logits.shape[-2:] != label.shape[-2:]:
             logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
         conf += confusion_matrix(logits.argmax(1), label, num_classes)
