@@ -96,7 +96,23 @@ def validate_params(params: Any, path: Path = Path("params.yaml")) -> dict[str, 
                 _require(entry.get("init") in params["pretrain"], f"{where}.init must name a pretrain run, got {entry.get('init')!r}")
                 windows = entry.get("window-sizes")
                 _require(windows is None or _is_int_list(windows, 4), f"{where}.window-sizes must be four integers, got {windows!r}")
+    _check_recipes(params, path)
     return params
+
+
+def _check_recipes(params: dict[str, Any], path: Path) -> None:
+    """Recipe keys and values, by the training engine's own rules (the flags of pretrain/finetune)."""
+    from reproduce.train.recipes import validate_recipe
+
+    profile = params["profile"]
+    sections = [(f"recipes.{profile}.{kind}", kind, params["recipes"][profile][kind]) for kind in RUN_KINDS]
+    sections += [(f"{kind}.{run}.recipe", kind, entry["recipe"]) for kind in RUN_KINDS
+                 for run, entry in params[kind].items() if entry.get("recipe")]
+    for where, kind, mapping in sections:
+        try:
+            validate_recipe(kind, mapping)
+        except ValueError as err:
+            raise ParamsError(f"{path}: {where}: {err}") from None
 
 
 def load_params(path: Path) -> dict[str, Any]:
@@ -189,22 +205,6 @@ def training_argv(params: dict[str, Any], kind: str, run: str, results: Path, se
     return pretrain_argv(params, run, results, seed) if kind == "pretrain" else finetune_argv(params, kind, run, results, seed)
 
 
-def check_argv(argv: list[str]) -> None:
-    """Parse a training command line with the command's own parser: an unknown recipe key or a bad
-    value fails here, in one line, before any data is touched."""
-    from reproduce.train import finetune, pretrain
-
-    parser = argparse.ArgumentParser(prog=f"python -m reproduce {argv[0]}", exit_on_error=False, add_help=False)
-    (pretrain if argv[0] == "pretrain" else finetune).add_arguments(parser)
-    try:
-        _, unknown = parser.parse_known_args(argv[1:])
-    except argparse.ArgumentError as err:
-        raise ParamsError(f"params.yaml gives `{argv[0]}` a bad value: {err}") from err
-    if unknown:
-        raise ParamsError(f"params.yaml gives `{argv[0]}` unknown options {' '.join(unknown)}; recipe keys are "
-                          f"the flags of `python -m reproduce {argv[0]} --help`")
-
-
 # ----------------------------------------------------------------------------------------- run folders
 
 def stage_key(argv: list[str], fingerprints: list[Path]) -> str:
@@ -287,8 +287,6 @@ def train_stage(params: dict[str, Any], kind: str, run: str, results: Path) -> i
     fingerprints = [results / "fingerprints" / "code.json", results / "fingerprints" / kind / f"{run}.json"]
     seed_list = seeds(params)
     commands = [(s, training_argv(params, kind, run, results, s)) for s in (seed_list or [None])]
-    for _, argv in commands:
-        check_argv(argv)
     for seed, argv in commands:
         out = seed_dir(output, seed)
         key = stage_key(argv, fingerprints)
