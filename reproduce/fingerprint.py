@@ -9,8 +9,8 @@ list as dependencies:
   as a sorted pool, and imports between the suite's own packages without their module path, so moving
   a helper from one file to another changes nothing.
 - ``<kind>/<run>.json``: a functional fingerprint of the model a run trains: parameter and buffer
-  names and shapes, plus the outputs of the seeded model (train-mode and eval-mode forward, and
-  ``predict`` for segmentation) on a fixed seeded input. It is computed in float64 on the CPU and
+  names and shapes, plus the outputs of the seeded model on a fixed seeded input: as initialised,
+  then with seeded noise on every parameter (train-mode and eval-mode forward, and ``predict``). It is computed in float64 on the CPU and
   rounded to ``DIGITS`` digits of the output scale, so thread count or BLAS cannot flip it, while any
   change to architecture, initialisation or forward does.
 
@@ -41,6 +41,7 @@ DIGITS = 6  # decimal places of output / scale: float64 noise is ~1e-13 of the s
 INPUT_SHAPE = (2, 3, 64, 64)  # batch 2 so that train-mode BatchNorm sees batch statistics
 NUM_CLASSES = 7
 DROP_PATH = 0.1  # non-zero so that the train-mode forward exercises stochastic depth
+PERTURBATION = 0.02  # std of the seeded noise added to every parameter (see model_fingerprint)
 MEMO_KEYS = 4  # model-code versions remembered (an edit and its revert cost nothing)
 RUN_KINDS = ("pretrain", "cityscapes", "ade20k")
 
@@ -129,7 +130,11 @@ def _summary(out: Any, seed: int) -> list[float]:
 
 
 def model_fingerprint(config: ModelConfig) -> dict[str, Any]:
-    """Structure and seeded outputs of one model configuration (float64, CPU)."""
+    """Structure and seeded outputs of one model configuration (float64, CPU): the initialised model's
+    eval-mode output (initialisation), then, with every parameter perturbed by seeded noise, the
+    train-mode, eval-mode and (segmentation) ``predict`` outputs. The perturbation matters: HRViT's
+    attention sub-layers start as exactly 0 (zero-initialised BN), so at initialisation the forward
+    would not see the attention code at all."""
     import torch
 
     from models.factory import build_model
@@ -145,6 +150,10 @@ def model_fingerprint(config: ModelConfig) -> dict[str, Any]:
     x = torch.randn(INPUT_SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     outputs = {}
     with torch.no_grad():
+        outputs["init"] = _summary(model.eval()(x), 1)
+        noise = torch.Generator().manual_seed(5)
+        for _, param in sorted(model.named_parameters()):
+            param.add_(torch.randn(param.shape, generator=noise, dtype=param.dtype), alpha=PERTURBATION)
         torch.manual_seed(1)
         outputs["train"] = _summary(model.train()(x), 2)
         outputs["eval"] = _summary(model.eval()(x), 3)

@@ -207,10 +207,15 @@ def training_argv(params: dict[str, Any], kind: str, run: str, results: Path, se
 
 # ----------------------------------------------------------------------------------------- run folders
 
-def stage_key(argv: list[str], fingerprints: list[Path]) -> str:
-    """Identity of one training command: its argv and the fingerprints of the code and model it runs."""
-    parts = [shlex.join(argv)] + [p.read_text() for p in fingerprints if p.is_file()]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+def stage_key(argv: list[str], inputs: list[Path]) -> str:
+    """Identity of one training command: its argv and the content of its inputs (the code and model
+    fingerprints, the pretrained weights), so a checkpoint is resumed only by the very same run."""
+    digest = hashlib.sha256(shlex.join(argv).encode())
+    for path in inputs:
+        if path.is_file():
+            with path.open("rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
 
 
 def _read_state(output: Path) -> dict[str, Any]:
@@ -273,6 +278,7 @@ def collect_seeds(output: Path, seed_list: list[int]) -> None:
     first = seed_dir(output, seed_list[0])
     per_seed = {s: json.loads((seed_dir(output, s) / METRICS).read_text()) for s in seed_list}
     (output / METRICS).write_text(json.dumps(aggregate_metrics(per_seed), indent=2, sort_keys=True) + "\n")
+    (output / WEIGHTS).unlink(missing_ok=True)  # may be a read-only link into DVC's cache
     shutil.copyfile(first / WEIGHTS, output / WEIGHTS)
     if (first / DVCLIVE).is_dir():
         shutil.rmtree(output / DVCLIVE, ignore_errors=True)
@@ -289,7 +295,8 @@ def train_stage(params: dict[str, Any], kind: str, run: str, results: Path) -> i
     commands = [(s, training_argv(params, kind, run, results, s)) for s in (seed_list or [None])]
     for seed, argv in commands:
         out = seed_dir(output, seed)
-        key = stage_key(argv, fingerprints)
+        pretrained = [Path(argv[argv.index("--pretrained") + 1])] if "--pretrained" in argv else []
+        key = stage_key(argv, fingerprints + pretrained)
         prepare_output(out, key)
         print("+ python -m reproduce " + shlex.join(argv), flush=True)
         code = reproduce_main(argv)

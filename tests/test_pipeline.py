@@ -195,6 +195,32 @@ def test_seed_metrics_are_aggregated():
     assert out["seeds"] == [0, 1, 2] and out["per_seed"]["1"]["miou"] == 20.0
 
 
+def test_seeded_stage_outputs_are_collected_from_the_seed_folders(tmp_path):
+    for seed, miou in ((0, 10.0), (1, 20.0)):
+        run = tmp_path / f"seed-{seed}"
+        (run / "dvclive" / "plots").mkdir(parents=True)
+        (run / "dvclive" / "plots" / "loss.tsv").write_text(f"step\tloss\n0\t{seed}\n")
+        (run / "model.safetensors").write_bytes(bytes([seed]) * 8)
+        (run / "metrics.json").write_text(json.dumps({"miou": miou, "profile": "proxy"}))
+    (tmp_path / "model.safetensors").write_bytes(b"old")
+    (tmp_path / "model.safetensors").chmod(0o444)  # as DVC's hard-linked cache leaves it
+    pipeline.collect_seeds(tmp_path, [0, 1])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["miou"], metrics["seeds"], metrics["profile"]) == (15.0, [0, 1], "proxy")
+    assert (tmp_path / "model.safetensors").read_bytes() == bytes([0]) * 8
+    assert (tmp_path / "dvclive" / "plots" / "loss.tsv").read_text().endswith("0\t0\n")
+
+
+def test_stage_key_covers_argv_and_input_content(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a")
+    key = pipeline.stage_key(["pretrain", "--seed", "0"], [weights])
+    assert key == pipeline.stage_key(["pretrain", "--seed", "0"], [weights])
+    assert key != pipeline.stage_key(["pretrain", "--seed", "1"], [weights])
+    weights.write_bytes(b"b")  # a retrained upstream run: its fine-tune checkpoint is not resumed
+    assert key != pipeline.stage_key(["pretrain", "--seed", "0"], [weights])
+
+
 def test_checkpoint_of_another_or_finished_run_is_moved_aside_and_deleted_after_success(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
