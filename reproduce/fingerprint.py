@@ -8,15 +8,18 @@ list as dependencies:
   docstrings dropped (comments and formatting never reach the tree). Top-level definitions are hashed
   as a sorted pool, and imports between the suite's own packages without their module path, so moving
   a helper from one file to another changes nothing.
+- ``measure.json``: the same syntax-tree hash of what the ``measure_*`` stages run (models and FLOP
+  ledger) and the library versions.
 - ``<kind>/<run>.json``: a functional fingerprint of the model a run trains: parameter and buffer
-  names and shapes, plus the outputs of the seeded model on a fixed seeded input: as initialised,
-  then with seeded noise on every parameter (train-mode and eval-mode forward, and ``predict``). It is computed in float64 on the CPU and
-  rounded to ``DIGITS`` digits of the output scale, so thread count or BLAS cannot flip it, while any
-  change to architecture, initialisation or forward does.
+  names and shapes and module types, plus the outputs of the seeded model on a fixed seeded input, as
+  initialised and then with seeded noise on every parameter (train-mode and eval-mode forward, and
+  ``predict``). It is computed in float64 on the CPU and rounded to ``DIGITS`` digits of the output
+  scale, so thread count or BLAS cannot flip it, while any change to architecture, initialisation or
+  forward does.
 
-A file is rewritten only when its content changes. Building ~60 models takes a minute or two, so the
-model fingerprints are memoised under a hash of the model code's syntax tree (and library versions):
-a cosmetic edit costs one import of torch.
+A file is rewritten only when its content changes. Building ~60 models takes minutes, so the model
+fingerprints are memoised under a hash of the model code's syntax tree (and library versions): after a
+cosmetic edit the stage builds nothing and does not even import torch.
 
 Limits: a change that leaves the seeded forward identical (e.g. only the backward pass, or a branch the
 fixed input never takes) or a library upgrade that only affects training is not seen; force a rerun
@@ -35,6 +38,10 @@ from typing import Any, Iterable
 # The code a training run executes besides the model (which the model fingerprints cover).
 CODE_PATHS = ("reproduce/train", "reproduce/data", "reproduce/cli.py", "reproduce/pipeline.py")
 MODEL_CODE_PATHS = ("models", "baselines", "reproduce/fingerprint.py")  # memo key of the model fingerprints
+# What a measure stage runs: the models and the FLOP ledger (a refactor that keeps outputs but swaps a
+# counted op for an uncounted one changes the ledger, so here the syntax tree is the fingerprint).
+MEASURE_PATHS = ("models", "baselines", "reproduce/measure.py", "reproduce/flops.py", "reproduce/pipeline.py",
+                 "reproduce/tables/spec.py")
 PROJECT_PACKAGES = ("models", "baselines", "reproduce")
 LIBRARIES = ("torch", "timm", "segmentation-models-pytorch")
 DIGITS = 6  # decimal places of output / scale: float64 noise is ~1e-13 of the scale
@@ -144,8 +151,9 @@ def model_fingerprint(config: ModelConfig) -> dict[str, Any]:
                 "drop_path_rate": DROP_PATH}
     torch.manual_seed(0)
     model = build_model(config.model, config.task, num_classes=NUM_CLASSES, **model_kwargs(config.model, settings))
-    tensors = [*model.named_parameters(), *model.named_buffers()]
-    structure = hashlib.sha256("\n".join(f"{name} {tuple(t.shape)} {t.dtype}" for name, t in tensors).encode()).hexdigest()
+    tensors = [f"{name} {tuple(t.shape)} {t.dtype}" for name, t in [*model.named_parameters(), *model.named_buffers()]]
+    modules = [f"{name} {type(m).__module__}.{type(m).__qualname__}" for name, m in model.named_modules()]
+    structure = hashlib.sha256("\n".join(tensors + modules).encode()).hexdigest()
     model = model.double()
     x = torch.randn(INPUT_SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     outputs = {}
@@ -163,15 +171,19 @@ def model_fingerprint(config: ModelConfig) -> dict[str, Any]:
             "structure": structure, "outputs": outputs}
 
 
-def model_code_key(root: Path) -> str:
-    """The memo key: model code syntax, this module's settings and the libraries the models use."""
+def library_versions() -> list[str]:
     versions = []
     for lib in LIBRARIES:
         try:
             versions.append(f"{lib}=={metadata.version(lib)}")
         except metadata.PackageNotFoundError:
             versions.append(f"{lib} missing")
-    return hashlib.sha256((code_digest(root, MODEL_CODE_PATHS) + " ".join(versions)).encode()).hexdigest()
+    return versions
+
+
+def model_code_key(root: Path) -> str:
+    """The memo key: model code syntax, this module's settings and the libraries the models use."""
+    return hashlib.sha256((code_digest(root, MODEL_CODE_PATHS) + " ".join(library_versions())).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------- files
@@ -197,8 +209,11 @@ def _load_memo(path: Path) -> list[dict[str, Any]]:
 
 
 def write_fingerprints(params: dict[str, Any], root: Path, out: Path) -> dict[str, int]:
-    """Write ``out/code.json`` and ``out/<kind>/<run>.json`` for every run; returns counts for the log."""
+    """Write ``out/code.json``, ``out/measure.json`` and ``out/<kind>/<run>.json`` for every run;
+    returns counts for the log."""
     changed = int(write_if_changed(out / "code.json", {"paths": list(CODE_PATHS), "digest": code_digest(root, CODE_PATHS)}))
+    changed += write_if_changed(out / "measure.json", {"paths": list(MEASURE_PATHS), "digest": code_digest(root, MEASURE_PATHS),
+                                                       "libraries": library_versions()})
     configs = run_configs(params)
     key = model_code_key(root)
     memo_path = out / "memo.json"

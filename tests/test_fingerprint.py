@@ -4,6 +4,8 @@ calls but move with the model's options; files are rewritten only when their con
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,14 +79,13 @@ def _params(**pretrain):
 
 def test_files_are_written_once_memoised_and_pruned(tmp_path):
     root = tmp_path / "repo"
-    for rel in (*fp.CODE_PATHS, *fp.MODEL_CODE_PATHS):  # the real code, so the digests are the real ones
-        src = fp.Path(__file__).resolve().parents[1] / rel
-        dst = root / rel
+    for rel in {*fp.CODE_PATHS, *fp.MODEL_CODE_PATHS, *fp.MEASURE_PATHS}:  # the real code, so the digests are the real ones
+        src, dst = Path(__file__).resolve().parents[1] / rel, root / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        (dst.write_text(src.read_text()) if src.is_file() else __import__("shutil").copytree(src, dst))
+        shutil.copy2(src, dst) if src.is_file() else shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path / "fingerprints"
     counts = fp.write_fingerprints(_params(), root, out)
-    assert counts == {"runs": 3, "configs": 2, "built": 2, "changed": 4}  # cityscapes and ade20k share one config
+    assert counts == {"runs": 3, "configs": 2, "built": 2, "changed": 5}  # cityscapes and ade20k share one config
     files = {p: (p.read_text(), p.stat().st_mtime_ns) for p in out.rglob("*.json") if p.name != "memo.json"}
     assert json.loads((out / "ade20k" / "mit_b0.json").read_text()) == json.loads((out / "cityscapes" / "mit_b0.json").read_text())
 

@@ -30,8 +30,8 @@ NOT_RUN = {
     r"^source\b": "activates a local virtualenv",
     r"^dvc repro\b": "trains: tests/test_pipeline.py runs `dvc repro` and `dvc repro -s` on a copy",
     r"^dvc exp run\b": "trains: tests/test_pipeline.py runs `dvc exp run -S ...` then `dvc exp show`",
+    r"^dvc pull\b": "needs results pushed by a repro (the remote of this copy is empty; `dvc push` runs)",
     r"^dvc plots (show|diff)\b": "needs trained runs: tests/test_pipeline.py loads the curves after a repro",
-    r"^dvc (push|pull)\b": "needs a configured remote with results: run after `dvc remote add` below",
 }
 
 
