@@ -4,8 +4,8 @@
 profile's recipe up in params.yaml, print the equivalent ``python -m reproduce ...`` command line and run
 it in this process (so a ``torchrun ... -m reproduce.pipeline`` launcher starts every rank the same way).
 ``python -m reproduce.pipeline measure TABLE`` measures every row of a table in one process and writes
-``results/measure/TABLE.json``; ``fingerprint`` writes the semantic dependencies of the training stages
-(``reproduce.fingerprint``).
+``results/measure/TABLE.json``; ``fingerprint`` writes the semantic dependencies of the measure and
+training stages (``reproduce.fingerprint``).
 
 Why a glue module: DVC templating cannot select ``recipes.<profile>`` from the value of ``profile``
 (no nested interpolation), and a recipe is easier to read and override as a YAML mapping of the
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--results", type=Path, default=Path("results"))
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("fingerprint", help="write the training stages' semantic dependencies (results/fingerprints)")
+    sub.add_parser("fingerprint", help="write the measure and training stages' semantic dependencies (results/fingerprints)")
     sub.add_parser("measure", help="params and GFLOPs of every row of a table").add_argument("table")
     sub.add_parser("pretrain", help="one pretraining stage").add_argument("run")
     fine = sub.add_parser("finetune", help="one fine-tuning stage")

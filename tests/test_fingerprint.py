@@ -62,8 +62,6 @@ def test_model_fingerprint_is_stable_across_threads_and_moves_with_the_model(mon
     windows = fp.model_fingerprint(fp.ModelConfig("hrvit_b1", "cls", (), (1, 2, 3, 3)))
     assert windows["structure"] == one["structure"] and windows["outputs"]["init"] == one["outputs"]["init"]
     assert windows["outputs"]["eval"] != one["outputs"]["eval"]
-    ablated = fp.model_fingerprint(fp.ModelConfig("hrvit_b1", "cls", ("mixcfn",), (1, 2, 7, 7)))
-    assert ablated["structure"] != one["structure"]
     # a small change of the forward (LayerNorm eps 1e-5 -> 1e-4) shows; the seg model adds predict
     seg = fp.model_fingerprint(fp.ModelConfig("mit_b0", "seg"))
     assert set(seg["outputs"]) == {"init", "train", "eval", "predict"}
