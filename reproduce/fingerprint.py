@@ -219,11 +219,18 @@ def write_fingerprints(params: dict[str, Any], root: Path, out: Path) -> dict[st
     memo_path = out / "memo.json"
     memo = _load_memo(memo_path)
     entry = next((m for m in memo if m.get("key") == key), {"key": key, "models": {}})
-    built = 0
-    for config in sorted(set(configs.values()), key=lambda c: c.key):
-        if config.key not in entry["models"]:
-            entry["models"][config.key] = model_fingerprint(config)
-            built += 1
+    missing = sorted((c for c in set(configs.values()) if c.key not in entry["models"]), key=lambda c: c.key)
+    if missing:
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the result does not depend on it, and tiny models on a busy machine run fastest so
+        try:
+            for config in missing:
+                entry["models"][config.key] = model_fingerprint(config)
+        finally:
+            torch.set_num_threads(threads)
+    built = len(missing)
     memo = [entry, *(m for m in memo if m.get("key") != key)][:MEMO_KEYS]
     write_if_changed(memo_path, memo)  # type: ignore[arg-type]
     wanted = set()

@@ -47,16 +47,15 @@ def test_code_digest_ignores_docstrings_comments_layout_and_moves(tmp_path):
 
 
 def test_model_fingerprint_is_stable_across_threads_and_moves_with_the_model(monkeypatch):
-    cfg = fp.ModelConfig("hrvit_b1", "cls", (), (1, 2, 7, 7))
     threads = torch.get_num_threads()
+    small = fp.ModelConfig("mit_b0", "cls")  # 2 threads on a busy 2-core machine are slow: the smallest model
     try:
-        torch.set_num_threads(1)
-        one = fp.model_fingerprint(cfg)
         torch.set_num_threads(2)
-        two = fp.model_fingerprint(cfg)
+        two = fp.model_fingerprint(small)
     finally:
         torch.set_num_threads(threads)
-    assert one == two
+    assert fp.model_fingerprint(small) == two  # write_fingerprints builds with one thread
+    one = fp.model_fingerprint(fp.ModelConfig("hrvit_b1", "cls", (), (1, 2, 7, 7)))
     assert set(one["outputs"]) == {"init", "train", "eval"} and one["config"]["key"] == "hrvit_b1/cls/full/1-2-7-7"
     # HRViT's attention starts as exactly 0: only the perturbed forward sees its stripe width
     windows = fp.model_fingerprint(fp.ModelConfig("hrvit_b1", "cls", (), (1, 2, 3, 3)))
