@@ -41,11 +41,12 @@ def _metrics(folder: Path) -> dict:
 # ------------------------------------------------------------------ recipes
 
 
-def test_params_yaml_smoke_recipes_are_the_cli_smoke_defaults():
+@pytest.mark.parametrize("profile", ["smoke", "proxy"])
+def test_params_yaml_cpu_recipes_are_the_cli_profile_defaults(profile):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for kind in ("pretrain", "cityscapes", "ade20k"):
-        given = recipes.validate_recipe(kind, params["recipes"]["smoke"][kind])
-        defaults = recipes.profile_recipe(kind, "smoke")
+        given = recipes.validate_recipe(kind, params["recipes"][profile][kind])
+        defaults = recipes.profile_recipe(kind, profile)
         numbers = set(given) - set(recipes.execution_keys(kind)) - {"test_mode"}  # test mode: per dataset
         assert {k: given[k] for k in numbers} == {k: getattr(defaults, k) for k in numbers}, kind
     assert recipes.profile_recipe("pretrain", "smoke").epochs == 1 and recipes.profile_recipe("finetune", "smoke").iters == 2

@@ -49,7 +49,7 @@ INDEX_VERSION = 1
 def add_common_arguments(parser: argparse.ArgumentParser, kind: str, default_dataset: str | None) -> None:
     """Options shared by pretrain and finetune, then one flag per recipe field (None: the profile fills it)."""
     parser.add_argument("--model", required=True, help="model name, e.g. hrvit_b1 (see models.factory.available_models)")
-    parser.add_argument("--profile", choices=recipes.PROFILES, default="smoke", help="recipe defaults: smoke (generated data, seconds) or paper (the paper's recipe)")
+    parser.add_argument("--profile", choices=recipes.PROFILES, default="smoke", help="recipe defaults: smoke (generated data, seconds), proxy (generated data, long enough to learn) or paper (the paper's recipe)")
     parser.add_argument("--dataset", default=default_dataset, help="dataset name (see below)")
     parser.add_argument("--data-root", type=Path, default=None, help="dataset root; for 'synthetic' the cache folder of generated data (default data/synthetic)")
     parser.add_argument("--output", type=Path, required=True, help="run folder: checkpoint.pt, model.safetensors, best.pt, metrics.json, dvclive/")

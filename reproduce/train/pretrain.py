@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def validate(args: argparse.Namespace) -> tuple[recipes.PretrainRecipe, dict[str, Any], int]:
     """Recipe, model settings and per-rank micro-batch; every check runs before any data is read."""
     recipe = engine.resolve_recipe(recipes.profile_recipe("pretrain", args.profile), args)
-    args.dataset = args.dataset or ("synthetic" if args.profile == "smoke" else "imagenet")
+    args.dataset = args.dataset or ("imagenet" if args.profile == "paper" else "synthetic")
     if args.dataset not in DATASETS:
         raise engine.SettingsError(f"pretrain --dataset must be one of {', '.join(DATASETS)}, got {args.dataset!r}")
     if args.dataset == "imagenet" and args.data_root is None:
