@@ -310,18 +310,24 @@ def train_stage(params: dict[str, Any], kind: str, run: str, results: Path) -> i
 
 # ----------------------------------------------------------------------------------------- measure
 
-def measure_requests(params: dict[str, Any], table_name: str) -> dict[str, dict[str, Any]]:
-    """Row label -> keyword arguments of ``reproduce.measure.measure_named`` for one table."""
+def measure_requests(params: dict[str, Any], table_name: str, fair: bool = False) -> dict[str, dict[str, Any]]:
+    """Row label -> keyword arguments of ``reproduce.measure.measure_named`` for one table: each row at the
+    setting the paper measured it (``fair``: the rows whose setting differs from the table's one shared
+    setting, measured at that setting, for the "all backbones at one setting" view)."""
     from reproduce.tables.spec import TABLES
 
     if table_name not in TABLES:
         raise ParamsError(f"unknown table {table_name!r}; choose from {', '.join(TABLES)}")
+    table = TABLES[table_name]
     requests = {}
-    for row in TABLES[table_name].rows:
+    for row in table.rows:
+        if fair and (table.fair is None or row.measure == table.fair):
+            continue
+        setting = table.fair if fair else row.measure
         entry = lookup(params, "pretrain", row.model)
         windows = lookup(params, "cityscapes", row.window_run).get("window-sizes") if row.window_run else None
-        requests[row.label] = {"name": entry["model"], "task": row.measure.task, "num_classes": row.measure.num_classes,
-                               "size": row.measure.size, "window_sizes": windows, "ablate": entry.get("ablate") or []}
+        requests[row.label] = {"name": entry["model"], "task": setting.task, "num_classes": setting.num_classes,
+                               "size": setting.size, "window_sizes": windows, "ablate": entry.get("ablate") or []}
     return requests
 
 
@@ -329,18 +335,21 @@ def measure_table(params: dict[str, Any], table_name: str, results: Path) -> Pat
     from reproduce.measure import check_request, measure_request
     from reproduce.train.engine import git_commit  # the same provenance string as the training runs
 
-    requests = measure_requests(params, table_name)
-    checked = {label: check_request(**{"model" if k == "name" else k: v for k, v in kw.items()}) for label, kw in requests.items()}
     commit = git_commit()
-    rows = {}
-    for label, request in checked.items():
-        result = measure_request(request, MEASURE_CONVENTIONS, depth=4)  # 4: HRViT's six modules M1..M6
-        result["git_commit"] = commit
-        rows[label] = result
-        print(f"{table_name} {label}: {result['params']:,} params, {result['gflops']['paper']:.3f} GFLOPs (paper convention)", flush=True)
+    measured: dict[str, dict[str, Any]] = {}
+    for key, fair in (("rows", False), ("fair_rows", True)):
+        requests = measure_requests(params, table_name, fair)
+        checked = {label: check_request(**{"model" if k == "name" else k: v for k, v in kw.items()}) for label, kw in requests.items()}
+        measured[key] = {}
+        for label, request in checked.items():
+            result = measure_request(request, MEASURE_CONVENTIONS, depth=4)  # 4: HRViT's six modules M1..M6
+            result["git_commit"] = commit
+            measured[key][label] = result
+            print(f"{table_name} {label}{' (shared setting)' if fair else ''}: {result['params']:,} params, "
+                  f"{result['gflops']['paper']:.3f} GFLOPs (paper convention)", flush=True)
     out = results / "measure" / f"{table_name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"table": table_name, "git_commit": commit, "rows": rows}, indent=1) + "\n")
+    out.write_text(json.dumps({"table": table_name, "git_commit": commit, **measured}, indent=1) + "\n")
     return out
 
 

@@ -40,10 +40,12 @@ def _outs(stage: dict, key: str = "outs") -> dict[str, dict]:
 def test_table_stage_deps_match_the_table_spec(name):
     """Each table stage depends on exactly the run metrics its table reads, and on its measurements."""
     table, stage = TABLES[name], STAGES[name]
-    expected = {f"results/measure/{name}.json", f"tables/paper/{table.csv}"}
+    expected = {f"results/measure/{name}.json", f"tables/paper/{table.csv}", "results/fingerprints/code.json"}
     for kind, runs in runs_needed(table).items():
         prefix = "results/pretrain" if kind == "pretrain" else f"results/finetune/{kind}"
         expected |= {f"{prefix}/{run}/metrics.json" for run in runs}
+        if kind != "pretrain":  # a fine-tune's status depends on its init's (reproduce/tables/status.py)
+            expected |= {f"results/pretrain/{PARAMS[kind][run]['init']}/metrics.json" for run in runs}
     results = {d for d in _deps(stage) if d.startswith(("results/", "tables/paper/"))}
     assert results == expected
     assert stage["cmd"] == f"python -m reproduce tables {name}"
@@ -83,6 +85,10 @@ def test_measure_stages_track_exactly_the_params_they_read():
                 assert f"cityscapes.{row.window_run}.window-sizes" in keys
     assert pipeline.measure_requests(PARAMS, "table4_cityscapes")["HRViT-b3"]["window_sizes"] == [1, 2, 9, 9]
     assert pipeline.measure_requests(PARAMS, "table4_cityscapes")["MiT-B1"]["num_classes"] == 150
+    # the "all backbones at one setting" view: only rows measured elsewhere, at the table's shared setting
+    fair = pipeline.measure_requests(PARAMS, "table4_cityscapes", fair=True)
+    assert fair["MiT-B1"]["num_classes"] == 19 and "HRViT-b1" not in fair
+    assert pipeline.measure_requests(PARAMS, "table5_ablation", fair=True) == {}
     assert pipeline.measure_requests(PARAMS, "table5_ablation")["- MixCFN"]["ablate"] == ["mixcfn"]
 
 
