@@ -35,7 +35,7 @@ def test_two_rank_training_keeps_replicas_identical_and_all_reduces_miou(tmp_pat
 
     ft = _torchrun(["finetune", "--model", "hrvit_b1", "--profile", "smoke", "--dataset", "synthetic", "--synthetic-size", "4",
                     "--batch-size", "2", "--iters", "2", "--data-root", data, "--output", str(tmp_path / "ft")])
-    assert ft["ranks_identical"] is True and ft["init"] == "random" and ft["eval_images"] == 4
+    assert ft["ranks_identical"] is True and ft["init"]["format"] == "random" and ft["eval_images"] == 4
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the ranks ran single-threaded; score the same way so logits match bit for bit

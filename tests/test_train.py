@@ -16,7 +16,9 @@ import pytest
 import torch
 from torch import nn
 
+from models.weights import sha256 as weights_sha256
 from reproduce.cli import main
+from reproduce.tables.status import init_of
 from reproduce.data import layouts
 from reproduce.train import checkpointing, pretrain
 from reproduce.train.evaluation import slide_logits
@@ -176,7 +178,7 @@ def test_pretrain_finetune_evaluate_chain(pretrained, tmp_path):
     assert main(["finetune", *TINY_FINETUNE, "--window-sizes", "1", "2", "7", "7", "--pretrained", str(checkpoint),
                  "--data-root", str(data), "--output", str(tmp_path / "ft")]) == 0
     ft = _metrics(tmp_path / "ft")
-    assert ft["init"] == "pretrained"
+    assert ft["init"] == {"format": "hrvit-repro", "file": str(checkpoint), "sha256": weights_sha256(checkpoint)}
     assert ft["pretrained"]["loaded"] > 1000 and ft["pretrained"]["missing"] == [] and ft["pretrained"]["shape_mismatch"] == []
     assert ft["pretrained"]["dropped"] and all(k.startswith("head.") for k in ft["pretrained"]["dropped"])  # only the classifier
     assert 0.0 <= ft["miou"] <= 1.0 and len(ft["per_class_iou"]) == 7 and "pixel_accuracy" in ft
@@ -190,7 +192,9 @@ def test_pretrain_finetune_evaluate_chain(pretrained, tmp_path):
     assert _metrics(tmp_path / "ev2")["miou"] == ft["miou"]
     assert main(["finetune", *TINY_FINETUNE, "--pretrained", str(pretrained / "run" / "model.safetensors"),
                  "--data-root", str(data), "--output", str(tmp_path / "ft-st")]) == 0
-    assert _metrics(tmp_path / "ft-st")["pretrained"]["loaded"] == ft["pretrained"]["loaded"]
+    ft_st = _metrics(tmp_path / "ft-st")
+    assert ft_st["pretrained"]["loaded"] == ft["pretrained"]["loaded"] and ft_st["init"]["format"] == "hrvit-repro"
+    assert ft_st["pretrained"]["pretrain_profile"] == "smoke" and init_of(ft_st) == ft_st["init"]  # what the tables read
 
     # a checkpoint of another variant is refused
     assert main(["finetune", *TINY_FINETUNE, "--ablate", "des", "--pretrained", str(checkpoint), "--data-root", str(data), "--output", str(tmp_path / "ft2")]) == 2

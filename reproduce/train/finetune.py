@@ -17,7 +17,8 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import PolyLRScheduler
 from torch import nn
 
-from models.factory import build_model
+from models.factory import build_model, is_external
+from models.weights import FORMATS, SUITE_FORMATS, WeightsError, detect_format, load_backbone_weights, read_checkpoint
 from reproduce.data import layouts
 from reproduce.data.datasets import SEG_DATASETS, SegDatasetInfo, SegmentationDataset, seg_layout, synthetic_seg_scale
 from reproduce.data.seg_transforms import IGNORE_INDEX, SegTestTransform, SegTrainTransform
@@ -38,7 +39,9 @@ DEFAULT_DROP_PATH = 0.1
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_common_arguments(parser, "finetune", default_dataset="synthetic")
     parser.description = (parser.description or "") + f". Datasets: {', '.join(SEG_DATASETS)}."
-    parser.add_argument("--pretrained", type=Path, default=None, help="checkpoint.pt or model.safetensors of a pretrain run (backbone weights; head dropped). Omit for random init")
+    parser.add_argument("--pretrained", type=Path, default=None,
+                        help=f"backbone weights: a pretrain run's checkpoint.pt / model.safetensors or a published checkpoint "
+                             f"({', '.join(FORMATS)}; README 'Published weights'); heads are dropped. Omit for random init")
 
 
 def dataset_scale(info: SegDatasetInfo, crop: int) -> tuple[int, int]:
@@ -56,15 +59,19 @@ def profile_defaults(profile: str, dataset: str, model: str) -> recipes.Finetune
     )
 
 
+def with_test_window(recipe: recipes.FinetuneRecipe) -> recipes.FinetuneRecipe:
+    """The sliding window a recipe leaves unset: the crop, at 3/4 stride (768 of 1024 on Cityscapes)."""
+    test_crop = recipe.test_crop or recipe.crop_size
+    return dataclasses.replace(recipe, test_crop=test_crop, test_stride=recipe.test_stride or test_crop * 3 // 4)
+
+
 def validate(args: argparse.Namespace) -> tuple[recipes.FinetuneRecipe, dict[str, Any], int]:
     """Recipe, model settings and per-rank micro-batch; every check runs before any data is read."""
     if args.dataset not in SEG_DATASETS:
         raise engine.SettingsError(f"finetune --dataset must be one of {', '.join(SEG_DATASETS)}, got {args.dataset!r}")
     if args.dataset != "synthetic" and args.data_root is None:
         raise engine.SettingsError(f"--dataset {args.dataset} needs --data-root")
-    recipe = engine.resolve_recipe(profile_defaults(args.profile, args.dataset, args.model), args)
-    test_crop = recipe.test_crop or recipe.crop_size
-    recipe = dataclasses.replace(recipe, test_crop=test_crop, test_stride=recipe.test_stride or test_crop * 3 // 4)
+    recipe = with_test_window(engine.resolve_recipe(profile_defaults(args.profile, args.dataset, args.model), args))
     micro = engine.validate_common(args.model, recipe)
     engine.check_multiple_of_32("--crop-size", recipe.crop_size)
     engine.check_multiple_of_32("--test-crop", recipe.test_crop)
@@ -80,9 +87,11 @@ def validate(args: argparse.Namespace) -> tuple[recipes.FinetuneRecipe, dict[str
     if args.dataset != "synthetic" and not args.data_root.is_dir():
         raise engine.SettingsError(f"--data-root {args.data_root} does not exist (expected the {args.dataset} root)")
     if args.pretrained is not None and not args.pretrained.is_file():
-        raise engine.SettingsError(f"--pretrained {args.pretrained} does not exist (expected a pretrain run's checkpoint.pt or model.safetensors)")
+        raise engine.SettingsError(f"--pretrained {args.pretrained} does not exist (expected a pretrain run's checkpoint.pt or model.safetensors, or a downloaded checkpoint)")
     settings = engine.model_settings(args, recipe.drop_path)
     engine.model_kwargs(args.model, settings)
+    if args.pretrained is not None:
+        pretrain_run(args.pretrained, args.model, settings)
     return recipe, settings, micro
 
 
@@ -107,12 +116,28 @@ def build_dataset(name: str, samples: list, recipe: recipes.FinetuneRecipe, augm
     return SegmentationDataset(samples, transform)
 
 
-def load_pretrained_backbone(model: nn.Module, path: Path, name: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Copy a pretrain checkpoint's weights into ``model.backbone``; the classifier head is dropped.
+RANDOM_INIT = {"format": "random", "file": None, "sha256": None}
 
-    Keys are matched after removing feature-wrapper prefixes (timm's ``model.``) and treating '_'
-    and '.' alike (timm's flattened feature modules); what did not match is reported. This is the
-    one place that reads pretrained weights."""
+
+def weights_error(flag: str, err: WeightsError) -> engine.SettingsError:
+    """A weights file's error as the command's one-line error (torch's unpickling messages span lines)."""
+    return engine.SettingsError(f"{flag} {' '.join(str(err).split())}")
+
+
+def pretrain_run(path: Path, name: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """What a ``--pretrained`` file says about the run that wrote it: None for published weights (any
+    format ``models.weights`` reads); for this suite's own files, the pretrain run, which must be a
+    classification run of this model with this run's ablations. Reads the file only: ``validate``
+    calls it so that a wrong file fails before any data is touched."""
+    if is_external(name):
+        raise engine.SettingsError(f"--pretrained loads suite models only; {name} is built outside the suite, drop --pretrained")
+    try:
+        checkpoint = read_checkpoint(path)
+        detect_format(checkpoint)
+    except WeightsError as err:
+        raise weights_error("--pretrained", err) from err
+    if checkpoint.get("format") not in SUITE_FORMATS:
+        return None
     try:
         state = load_run_state(path)
     except ValueError as err:
@@ -123,34 +148,30 @@ def load_pretrained_backbone(model: nn.Module, path: Path, name: str, settings: 
         raise engine.SettingsError(f"--pretrained {path} holds {state['model']}, not {name}")
     if sorted(state["model_settings"].get("ablate", [])) != sorted(settings.get("ablate", [])):
         raise engine.SettingsError(f"--pretrained {path} was trained with --ablate {state['model_settings'].get('ablate')}, this run uses {settings.get('ablate')}")
+    return {"keys": list(state["model_state"]), "pretrain_profile": state.get("profile"),
+            "pretrain_window_sizes": state["model_settings"].get("window_sizes")}
 
-    def norm(key: str) -> str:
-        return key.removeprefix("model.").replace("_", ".")
 
-    source: dict[str, list[str]] = {}
-    for key in state["model_state"]:
-        source.setdefault(norm(key), []).append(key)
-    target = model.backbone.state_dict()
-    loaded, missing, mismatched, used = {}, [], [], set()
-    for key, value in target.items():
-        candidates = source.get(norm(key), [])
-        if len(candidates) != 1:
-            missing.append(key)
-            continue
-        tensor = state["model_state"][candidates[0]]
-        if tensor.shape != value.shape:
-            mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(value.shape)}")
-            continue
-        loaded[key] = tensor
-        used.add(candidates[0])
-    if not loaded:
-        raise engine.SettingsError(f"--pretrained {path}: no parameter matched the {name} backbone; is it a checkpoint of this model?")
-    model.backbone.load_state_dict(loaded, strict=False)
-    dropped = sorted(k for k in state["model_state"] if k not in used)
-    return {
-        "path": str(path), "loaded": len(loaded), "missing": missing, "shape_mismatch": mismatched,
-        "dropped": dropped, "pretrain_profile": state.get("profile"), "pretrain_window_sizes": state["model_settings"].get("window_sizes"),
+def load_pretrained_backbone(model: nn.Module, path: Path, name: str, settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Load ``path`` into ``model.backbone`` through ``models.weights`` (every accepted format; no
+    partial loads) and return the run's ``init`` record ``{format, file, sha256}`` and, for a suite
+    pretrain run, the ``pretrained`` record (path, tensors loaded, model tensors left at init
+    (``missing``), the classifier tensors dropped, the pretrain profile and window sizes)."""
+    run = pretrain_run(path, name, settings)
+    try:
+        record = load_backbone_weights(model, path, name)
+    except WeightsError as err:
+        raise weights_error("--pretrained", err) from err
+    init = {key: record[key] for key in ("format", "file", "sha256")}
+    if run is None:
+        return init, None
+    backbone = {key.removeprefix("model.") for key in model.backbone.state_dict()}  # timm's feature wrapper prefix
+    pretrained = {
+        "path": str(path), "loaded": record["loaded"], "missing": record["kept_init"],
+        "shape_mismatch": [],  # kept for older readers: a mismatched tensor now fails the load
+        "dropped": sorted(key for key in run.pop("keys") if key not in backbone), **run,
     }
+    return init, pretrained
 
 
 def run(args: argparse.Namespace) -> int:
@@ -177,20 +198,18 @@ def _train(args, recipe, settings, micro, ctx, start) -> int:
     engine.configure_determinism(recipe.deterministic)
     engine.configure_threads(recipe.threads)
     info = SEG_DATASETS[args.dataset]
+    # The model and its weights come first, so that a file that does not fit fails before any data is
+    # made or indexed (the data is generated from its own seeds: the order leaves every number unchanged).
+    engine.seed_everything(recipe.seed)
+    model = build_model(args.model, "seg", num_classes=info.num_classes, **engine.model_kwargs(args.model, settings))
+    init, pretrained = load_pretrained_backbone(model, args.pretrained, args.model, settings) if args.pretrained else (RANDOM_INIT, None)
+    if args.pretrained:
+        log.line(f"backbone initialised from {args.pretrained} ({init['format']}, sha256 {init['sha256'][:12]})")
     root = data_root(args, recipe, ctx)
     samples, digest = index_data(ctx, args.dataset, root, args.output)
     train_set, val_set = build_dataset(args.dataset, samples["train"], recipe, True), build_dataset(args.dataset, samples["val"], recipe, False)
     data_source = "generated" if args.dataset == "synthetic" else str(root)
     log.line(f"{args.model} on {args.dataset} ({data_source}): {len(train_set)} train / {len(val_set)} val images, {info.num_classes} classes, world {ctx.world_size}")
-
-    engine.seed_everything(recipe.seed)
-    model = build_model(args.model, "seg", num_classes=info.num_classes, **engine.model_kwargs(args.model, settings))
-    pretrained = load_pretrained_backbone(model, args.pretrained, args.model, settings) if args.pretrained else None
-    if pretrained:
-        log.line(f"pretrained backbone from {args.pretrained}: {pretrained['loaded']} tensors loaded, {len(pretrained['missing'])} missing, "
-                 f"{len(pretrained['shape_mismatch'])} shape mismatches, {len(pretrained['dropped'])} dropped (classifier head)")
-        for line in pretrained["missing"][:10] + pretrained["shape_mismatch"][:10]:
-            log.line(f"  not loaded: {line}")
     sync_bn = engine.use_sync_bn(recipe, ctx)
     model = engine.wrap_model(model, ctx, sync_bn, args.compile)
     lr = engine.effective_lr(recipe, info.paper_batch)
@@ -218,7 +237,7 @@ def _train(args, recipe, settings, micro, ctx, start) -> int:
         evaluate=lambda: evaluate_segmentation(model, val_set, ctx, info.class_names, test, EvalOptions(recipe.eval_batch_size, recipe.num_workers, trainer.dtype)),
         metric="miou",
         summary=lambda result: f"val mIoU {100 * result['miou']:.2f} pixel acc {100 * result['pixel_accuracy']:.2f} ({result['classes_scored']} classes scored)",
-        metrics_extras={"num_classes": info.num_classes, "init": "pretrained" if pretrained else "random", "pretrained": pretrained, "effective": effective},
+        metrics_extras={"num_classes": info.num_classes, "init": init, "pretrained": pretrained, "effective": effective},
         eval_every_steps=recipe.eval_every,
         start=start,
     )
