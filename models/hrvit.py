@@ -15,7 +15,6 @@ refer to it). Beyond the official code:
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -120,16 +119,14 @@ def half_heads(dim: int, dim_head: int) -> tuple[int, int]:
     return half // head_dim, head_dim
 
 
-@functools.lru_cache(maxsize=64)
-def _key_padding_mask(
-    batch: int, n_windows: int, length: int, n_valid: int, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
+def _key_padding_mask(batch: int, n_windows: int, length: int, n_valid: int, like: torch.Tensor) -> torch.Tensor:
     """Additive mask (B*windows, 1, 1, L): -100 on the padded keys of each image's last stripe, else 0.
 
     Only valid query rows are kept after attention, and for those this equals the official
-    query-and-key mask of §2.7 step 7.
+    query-and-key mask of §2.7 step 7. Built per call (it is tiny): a cached tensor would outlive
+    its device and, when first made under ``torch.inference_mode``, break a later training step.
     """
-    mask = torch.zeros(batch, n_windows, 1, 1, length, device=device, dtype=dtype)
+    mask = like.new_zeros(batch, n_windows, 1, 1, length)
     mask[:, -1, ..., n_valid:] = MASK_VALUE
     return mask.reshape(batch * n_windows, 1, 1, length)
 
@@ -148,7 +145,7 @@ def stripe_attention(qkv: torch.Tensor, ws: int, n_heads: int) -> torch.Tensor:
     n_windows, length, head_dim = (H + pad) // ws, ws * W, c // n_heads
     windows = qkv.reshape(B * n_windows, length, -1, n_heads, head_dim)  # a view unless strides forbid it
     q, k, v = (windows[:, :, i].transpose(1, 2) for i in (0, 1, -1))  # (B*windows, heads, L, d); k = v if P = 2
-    mask = _key_padding_mask(B, n_windows, length, (ws - pad) * W, qkv.device, qkv.dtype) if pad else None
+    mask = _key_padding_mask(B, n_windows, length, (ws - pad) * W, qkv) if pad else None
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).reshape(B, H + pad, W, c)[:, :H]
 
