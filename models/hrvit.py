@@ -186,10 +186,13 @@ class HRViTAttn(nn.Module):
         half = C // 2
         horizontal = stripe_attention(qkv[..., :half], self.ws, self.n_heads)
         vertical = stripe_attention(qkv[..., half:].transpose(1, 2), self.ws, self.n_heads).transpose(1, 2)
-        out = torch.cat([horizontal, vertical], dim=-1).reshape(B, N, C)
-        if self.conv is not None:
-            out = out + self.conv(self.conv_act(v.permute(0, 3, 1, 2))).permute(0, 2, 3, 1).reshape(B, N, C)
-        out = self.proj(self.act(out))
+        if self.conv is None:
+            out = torch.cat([horizontal, vertical], dim=-1)
+        else:  # the halves are added into the conv path's fresh (B, H, W, C) output: no concat pass
+            out = self.conv(self.conv_act(v.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+            out[..., :half] += horizontal
+            out[..., half:] += vertical
+        out = self.proj(self.act(out.reshape(B, N, C)))
         if self.bn is not None:
             out = self.bn(out.reshape(B * N, C)).reshape(B, N, C)
         return out
@@ -256,7 +259,9 @@ class MixCFN(nn.Module):
         if self.conv3 is not None:
             B, _, C = x.shape
             x3, x5 = x.reshape(B, H, W, C).permute(0, 3, 1, 2).chunk(2, dim=1)  # channels-last views
-            x = torch.cat([self.conv3(x3), self.conv5(x5)], dim=1).permute(0, 2, 3, 1).reshape(B, -1, C)
+            # channels-last conv outputs, concatenated straight into token order (B, H, W, C)
+            x = torch.cat([self.conv3(x3).permute(0, 2, 3, 1), self.conv5(x5).permute(0, 2, 3, 1)], dim=-1)
+            x = x.reshape(B, -1, C)
         return self.fc2(self.act(x))
 
 
@@ -327,7 +332,7 @@ class HRViTBranch(nn.Module):
                 x = checkpoint(block, x, H, W, use_reentrant=False)
             else:
                 x = block(x, H, W)
-        return self.norm(x).transpose(1, 2).reshape(B, -1, H, W)
+        return self.norm(x).reshape(B, H, W, -1).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
 
 
 # --------------------------------------------------------------------------------------------------
@@ -553,7 +558,8 @@ class HRViT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The four branch maps (B, C_i, ~H/2^(i+2), ~W/2^(i+2)); sizes are ceil-divisions of H and W."""
         self._check_input(x)
-        xs = [self.stem(x)]
+        # channels-last activations throughout: token (B, H, W, C) and image views share one memory layout
+        xs = [self.stem(x.contiguous(memory_format=torch.channels_last))]
         for stage in self.stages:
             xs = stage(xs)
         return xs

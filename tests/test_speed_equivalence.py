@@ -1,7 +1,7 @@
 """The faster HRViT gives the outputs of the implementation at commit 939eb5d (issue 11): same
-weights, max abs difference <= 1e-5 in fp32, for every variant, ablation switch, window sizes, odd
-input sizes, eval and train mode (tests/fixtures/hrvit_reference.py holds the cases and how the
-reference file was made)."""
+weights, max abs difference <= 1e-5 in fp32 for every variant, ablation switch, window sizes and
+odd input sizes in eval mode; train mode within the old code's own rounding spread
+(tests/fixtures/hrvit_reference.py holds the cases, the tolerances and how the reference was made)."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,8 +13,6 @@ import torch
 _spec = importlib.util.spec_from_file_location("hrvit_reference", Path(__file__).with_name("fixtures") / "hrvit_reference.py")
 ref = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ref)
-
-TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -37,4 +35,4 @@ def test_outputs_match_939eb5d(reference, name, variant, task, kwargs, shape, tr
     assert [t.shape for t in got] == [t.shape for t in want]
     for i, (g, w) in enumerate(zip(got, want)):
         diff = (g - w).abs().max().item()
-        assert diff <= TOLERANCE, f"{name}: output {i} differs from 939eb5d by {diff:.2e} (max abs)"
+        assert diff <= (ref.TRAIN_TOLERANCE if train else ref.TOLERANCE), f"{name}: output {i} differs from 939eb5d by {diff:.2e} (max abs)"
