@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("reproduce.train.finetune", "semantic-segmentation fine-tuning (Cityscapes/ADE20K layouts)"),
     "evaluate": ("reproduce.train.evaluate", "evaluate a checkpoint on a dataset split"),
     "tables": ("reproduce.tables", "regenerate the paper's tables, Figure 5 and the claims ledger"),
+    "plan": ("reproduce.plan", "estimated GPU-hours, wall time and disk of the paper profile's training stages"),
 }
 
 
