@@ -19,6 +19,10 @@ fp32 (or ``--amp`` dtype) matmul peak, measured in the same run with the same th
 compile time (the first compiled call) and the speed-up over eager. ``--channels-last`` converts
 model and input to the channels-last memory format.
 
+Besides wall-clock latency, each pass's process CPU time is recorded (``cpu_s``, and the "CPU
+ratio" column): on a shared, busy machine, wall time swings with the other load, while the CPU
+time of a single-threaded (``--threads 1``) run stays close to the work done.
+
 ``smp_mit_b1`` is SegFormer's own architecture as segmentation_models_pytorch builds it
 (``smp.Segformer('mit_b1', encoder_weights=None)``), the reference of spec hrvit.md §4.7.
 """
@@ -176,17 +180,19 @@ def _make_step(model, x, labels, config: dict[str, Any]) -> Callable[[], None]:
     return step
 
 
-def _time(step: Callable[[], None], runs: int, cuda: bool) -> list[float]:
+def _time(step: Callable[[], None], runs: int, cuda: bool) -> tuple[list[float], list[float]]:
+    """Wall-clock and process CPU seconds of each pass."""
     import torch
 
-    times = []
+    walls, cpus = [], []
     for _ in range(runs):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         if cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu_start)
+    return walls, cpus
 
 
 def bench_one(config: dict[str, Any]) -> dict[str, Any]:
@@ -207,7 +213,7 @@ def bench_one(config: dict[str, Any]) -> dict[str, Any]:
     labels = _random_labels(model, x) if config["mode"] == "train" else None
     compiled: dict[str, Any] = {}
     if config["compile"]:  # eager first (the speed-up's baseline), then the compiled model
-        eager = _time(_make_step(model, x, labels, config), config["warmup"] + config["runs"], cuda)[config["warmup"]:]
+        eager = _time(_make_step(model, x, labels, config), config["warmup"] + config["runs"], cuda)[0][config["warmup"]:]
         compiled["eager_latency_s"] = statistics.median(eager)
         model = torch.compile(model, fullgraph=True)
     step = _make_step(model, x, labels, config)
@@ -225,7 +231,7 @@ def bench_one(config: dict[str, Any]) -> dict[str, Any]:
     else:
         before = _reset_cpu_peak()
     _time(step, config["warmup"], cuda)
-    times = _time(step, config["runs"], cuda)
+    times, cpu_times = _time(step, config["runs"], cuda)
     peak = (torch.cuda.max_memory_allocated() if cuda else _proc_status_bytes("VmHWM")) - before
     latency = statistics.median(times)
     # counted after timing so the counter's own allocations stay out of the memory peak
@@ -238,6 +244,7 @@ def bench_one(config: dict[str, Any]) -> dict[str, Any]:
         "gmacs": gmacs,
         "latency_s": latency,
         "latencies_s": times,
+        "cpu_s": statistics.median(cpu_times),
         "images_per_s": config["batch_size"] / latency,
         "gmac_per_s": step_gmacs / latency,
         "forward_peak_mib": peak / 2**20,
@@ -294,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         row["percent_of_peak"] = 100 * row["gmac_per_s"] / peak
         row["latency_vs_reference"] = row["latency_s"] / reference["latency_s"] if reference else None
+        row["cpu_vs_reference"] = row["cpu_s"] / reference["cpu_s"] if reference else None
         row["memory_vs_reference"] = row["forward_peak_mib"] / reference["forward_peak_mib"] if reference else None
     result = {"options": options, "reference": args.reference if reference else None, "results": rows,
               "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(),
@@ -322,10 +330,10 @@ def _print_table(result: dict[str, Any]) -> None:
           f"ratios vs {result['reference'] or '(no reference run)'}")
     print(f"GMAC/img = {result['gmacs_count']}; GMAC/s counts {result['step_macs']}; "
           f"% peak = of the {result['matmul_peak_gmac_per_s']:.1f} GMAC/s square matmul measured in this run")
-    headers = ["model", "params M", "GMAC/img", "latency ms", "latency ratio", "img/s", "GMAC/s", "% peak",
-               "peak MiB", "memory ratio"]
+    headers = ["model", "params M", "GMAC/img", "latency ms", "latency ratio", "CPU ratio", "img/s", "GMAC/s",
+               "% peak", "peak MiB", "memory ratio"]
     rows = [[r["model"], f"{r['params'] / 1e6:.2f}", f"{r['gmacs']:.2f}", f"{r['latency_s'] * 1e3:.1f}",
-             _ratio(r["latency_vs_reference"]), f"{r['images_per_s']:.2f}", f"{r['gmac_per_s']:.1f}",
+             _ratio(r["latency_vs_reference"]), _ratio(r["cpu_vs_reference"]), f"{r['images_per_s']:.2f}", f"{r['gmac_per_s']:.1f}",
              f"{r['percent_of_peak']:.0f}", f"{r['forward_peak_mib']:.0f}", _ratio(r["memory_vs_reference"])]
             for r in result["results"]]
     if opts["compile"]:
