@@ -6,6 +6,9 @@ refer to it). Beyond the official code:
 * any input size works: up-sampling fusion paths are cropped to their target branch, and stripe
   attention pads the last stripe and masks its padded keys (the official code needs multiples of 32);
 * all stripes and heads of a half run in one ``F.scaled_dot_product_attention`` call;
+* activations stay channels-last from the stem on, so the token view (B, H*W, C) of every map is
+  also a channels-last image view: convolutions, patch embeddings and fusion need no transposing
+  copies (branch outputs are NCHW-shaped channels-last tensors);
 * the Table 5 ablations are keyword switches (``kv_sharing``, ``eff_patch_embed``, ``mixcfn``,
   ``parallel_conv``, ``nonlinearity_bn``, ``dense_fusion``, ``des``; spec/ablations.md), and the
   stripe widths are the ``window_sizes`` keyword (the paper's Cityscapes b3 uses ``(1, 2, 9, 9)``).
