@@ -6,6 +6,9 @@ refer to it). Beyond the official code:
 * any input size works: up-sampling fusion paths are cropped to their target branch, and stripe
   attention pads the last stripe and masks its padded keys (the official code needs multiples of 32);
 * all stripes and heads of a half run in one ``F.scaled_dot_product_attention`` call;
+* activations stay channels-last from the stem on, so the token view (B, H*W, C) of every map is
+  also a channels-last image view: convolutions, patch embeddings and fusion need no transposing
+  copies (branch outputs are NCHW-shaped channels-last tensors);
 * the Table 5 ablations are keyword switches (``kv_sharing``, ``eff_patch_embed``, ``mixcfn``,
   ``parallel_conv``, ``nonlinearity_bn``, ``dense_fusion``, ``des``; docs/table5-readings.md), and the
   stripe widths are the ``window_sizes`` keyword (the paper's Cityscapes b3 uses ``(1, 2, 9, 9)``).
@@ -15,7 +18,6 @@ refer to it). Beyond the official code:
 """
 from __future__ import annotations
 
-import functools
 import math
 import re
 from dataclasses import dataclass
@@ -122,16 +124,14 @@ def half_heads(dim: int, dim_head: int) -> tuple[int, int]:
     return half // head_dim, head_dim
 
 
-@functools.lru_cache(maxsize=64)
-def _key_padding_mask(
-    batch: int, n_windows: int, length: int, n_valid: int, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
+def _key_padding_mask(batch: int, n_windows: int, length: int, n_valid: int, like: torch.Tensor) -> torch.Tensor:
     """Additive mask (B*windows, 1, 1, L): -100 on the padded keys of each image's last stripe, else 0.
 
     Only valid query rows are kept after attention, and for those this equals the official
-    query-and-key mask of §2.7 step 7.
+    query-and-key mask of §2.7 step 7. Built per call (it is tiny): a cached tensor would outlive
+    its device and, when first made under ``torch.inference_mode``, break a later training step.
     """
-    mask = torch.zeros(batch, n_windows, 1, 1, length, device=device, dtype=dtype)
+    mask = like.new_zeros(batch, n_windows, 1, 1, length)
     mask[:, -1, ..., n_valid:] = MASK_VALUE
     return mask.reshape(batch * n_windows, 1, 1, length)
 
@@ -150,7 +150,7 @@ def stripe_attention(qkv: torch.Tensor, ws: int, n_heads: int) -> torch.Tensor:
     n_windows, length, head_dim = (H + pad) // ws, ws * W, c // n_heads
     windows = qkv.reshape(B * n_windows, length, -1, n_heads, head_dim)  # a view unless strides forbid it
     q, k, v = (windows[:, :, i].transpose(1, 2) for i in (0, 1, -1))  # (B*windows, heads, L, d); k = v if P = 2
-    mask = _key_padding_mask(B, n_windows, length, (ws - pad) * W, qkv.device, qkv.dtype) if pad else None
+    mask = _key_padding_mask(B, n_windows, length, (ws - pad) * W, qkv) if pad else None
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).reshape(B, H + pad, W, c)[:, :H]
 
@@ -191,10 +191,13 @@ class HRViTAttn(nn.Module):
         half = C // 2
         horizontal = stripe_attention(qkv[..., :half], self.ws, self.n_heads)
         vertical = stripe_attention(qkv[..., half:].transpose(1, 2), self.ws, self.n_heads).transpose(1, 2)
-        out = torch.cat([horizontal, vertical], dim=-1).reshape(B, N, C)
-        if self.conv is not None:
-            out = out + self.conv(self.conv_act(v.permute(0, 3, 1, 2))).permute(0, 2, 3, 1).reshape(B, N, C)
-        out = self.proj(self.act(out))
+        if self.conv is None:
+            out = torch.cat([horizontal, vertical], dim=-1)
+        else:  # the halves are added into the conv path's fresh (B, H, W, C) output: no concat pass
+            out = self.conv(self.conv_act(v.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+            out[..., :half] += horizontal
+            out[..., half:] += vertical
+        out = self.proj(self.act(out.reshape(B, N, C)))
         if self.bn is not None:
             out = self.bn(out.reshape(B * N, C)).reshape(B, N, C)
         return out
@@ -261,7 +264,9 @@ class MixCFN(nn.Module):
         if self.conv3 is not None:
             B, _, C = x.shape
             x3, x5 = x.reshape(B, H, W, C).permute(0, 3, 1, 2).chunk(2, dim=1)  # channels-last views
-            x = torch.cat([self.conv3(x3), self.conv5(x5)], dim=1).permute(0, 2, 3, 1).reshape(B, -1, C)
+            # channels-last conv outputs, concatenated straight into token order (B, H, W, C)
+            x = torch.cat([self.conv3(x3).permute(0, 2, 3, 1), self.conv5(x5).permute(0, 2, 3, 1)], dim=-1)
+            x = x.reshape(B, -1, C)
         return self.fc2(self.act(x))
 
 
@@ -332,7 +337,7 @@ class HRViTBranch(nn.Module):
                 x = checkpoint(block, x, H, W, use_reentrant=False)
             else:
                 x = block(x, H, W)
-        return self.norm(x).transpose(1, 2).reshape(B, -1, H, W)
+        return self.norm(x).reshape(B, H, W, -1).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
 
 
 # --------------------------------------------------------------------------------------------------
@@ -558,7 +563,8 @@ class HRViT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The four branch maps (B, C_i, ~H/2^(i+2), ~W/2^(i+2)); sizes are ceil-divisions of H and W."""
         self._check_input(x)
-        xs = [self.stem(x)]
+        # channels-last activations throughout: token (B, H, W, C) and image views share one memory layout
+        xs = [self.stem(x.contiguous(memory_format=torch.channels_last))]
         for stage in self.stages:
             xs = stage(xs)
         return xs

@@ -1,12 +1,27 @@
-"""``python -m reproduce bench``: forward latency and peak memory of HRViT against MiT-B1 (segmentation).
+"""``python -m reproduce bench``: latency, throughput, efficiency and peak memory of suite models
+against SMP's SegFormer MiT-B1, for inference or a training step, in eager mode or compiled.
 
 Each model runs in a fresh Python process so that its peak memory is its own. The peak is what the
-forward passes add on top of the built model and input: on CPU, the resident-set high-water mark
-(Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` just before the passes, so the model
-build's own peak does not hide the forward's; tracemalloc cannot see torch's allocator) minus the
-resident set before them; on CUDA, ``torch.cuda.max_memory_allocated`` minus the allocation before. Latency is the median of ``--runs`` timed forward
-passes after ``--warmup`` untimed ones, in eval mode under ``torch.inference_mode``, batch 1.
-Achieved GMAC/s uses the ledger's torch count (2 FLOPs per MAC, SDPA included) halved.
+timed passes add on top of the built model and input (the whole step in ``--mode train``): on CPU,
+the resident-set high-water mark (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` just
+before the passes, so the model build's own peak does not hide them; tracemalloc cannot see torch's
+allocator) minus the resident set before them; on CUDA, ``torch.cuda.max_memory_allocated`` minus
+the allocation before. Latency is the median of ``--runs`` timed passes after ``--warmup`` untimed
+ones: ``infer`` is a forward in eval mode under ``torch.inference_mode``; ``train`` is forward,
+cross-entropy on random labels, backward and an AdamW step in train mode.
+
+GMAC is the FLOP ledger's torch count (``FlopCounterMode``, 2 FLOPs per multiply-accumulate, SDPA
+included) halved, for one image's forward pass; a training step is counted as 3x that (backward =
+2x forward, the usual convention). Achieved GMAC/s is also given as a percentage of the machine's
+fp32 (or ``--amp`` dtype) matmul peak, measured in the same run with the same threads.
+
+``--compile`` times the eager model first, then ``torch.compile(fullgraph=True)``: it reports the
+compile time (the first compiled call) and the speed-up over eager. ``--channels-last`` converts
+model and input to the channels-last memory format.
+
+Besides wall-clock latency, each pass's process CPU time is recorded (``cpu_s``, and the "CPU
+ratio" column): on a shared, busy machine, wall time swings with the other load, while the CPU
+time of a single-threaded (``--threads 1``) run stays close to the work done.
 
 ``smp_mit_b1`` is SegFormer's own architecture as segmentation_models_pytorch builds it
 (``smp.Segformer('mit_b1', encoder_weights=None)``), the reference architecture of the speed comparison.
@@ -20,24 +35,36 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 SMP_MIT_B1 = "smp_mit_b1"
 DEFAULT_MODELS = ("hrvit_b1", "hrvit_b2", "hrvit_b3", SMP_MIT_B1)
 AMP_DTYPES = ("fp16", "bf16")
+DATASETS = ("imagenet", "cityscapes")
+TRAIN_MAC_FACTOR = 3  # forward + backward (2x forward) per training step
+GMACS_COUNT = "torch FlopCounterMode FLOPs / 2 (SDPA included), forward pass per image"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="NAME",
-                        help=f"suite model names (segmentation task) or {SMP_MIT_B1} (default: %(default)s)")
+                        help=f"suite model names or {SMP_MIT_B1} (segmentation only) (default: %(default)s)")
     parser.add_argument("--reference", default=SMP_MIT_B1, help="model the ratios are relative to (default %(default)s)")
+    parser.add_argument("--mode", choices=("infer", "train"), default="infer",
+                        help="forward in eval mode, or a training step: forward + backward + AdamW step (default infer)")
+    parser.add_argument("--task", choices=("cls", "seg"), default="seg", help="classifier or segmentation model (default seg)")
+    parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--amp", choices=AMP_DTYPES, help="CUDA autocast dtype (default: fp32, no autocast)")
-    parser.add_argument("--runs", type=int, default=7, help="timed forward passes (default 7)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed forward passes first (default 2)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True): compile time, speed-up")
+    parser.add_argument("--channels-last", action="store_true", help="model and input in channels-last memory format")
+    parser.add_argument("--runs", type=int, default=7, help="timed passes (default 7)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed passes first (default 2)")
     parser.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
-    parser.add_argument("--num-classes", type=int, default=19)
+    parser.add_argument("--num-classes", type=int, help="classes (default: 19 for seg, 1000 for cls)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--data", choices=DATASETS, help="benchmark the training data loader instead of the models")
+    parser.add_argument("--data-root", help="dataset root for --data (default: generated data)")
+    parser.add_argument("--workers", type=int, default=4, help="loader worker processes for --data (default 4)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -45,12 +72,21 @@ def check_args(args: argparse.Namespace) -> None:
     """Raise a ValueError naming the first bad option, before any model is built."""
     from models.factory import check_model_name
 
+    if args.data:
+        if args.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {args.workers}")
+        return
     for name in args.models:
-        if name != SMP_MIT_B1:
+        if name == SMP_MIT_B1:
+            if args.task != "seg":
+                raise ValueError(f"{SMP_MIT_B1} is a segmentation model; use --task seg or drop it from --models")
+        else:
             check_model_name(name)
     if args.runs < 1 or args.warmup < 0:
         raise ValueError(f"--runs must be >= 1 and --warmup >= 0; got {args.runs} and {args.warmup}")
-    if min(args.size) < 1 or args.num_classes < 1:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if min(args.size) < 1 or (args.num_classes is not None and args.num_classes < 1):
         raise ValueError(f"--size and --num-classes must be positive; got {args.size} and {args.num_classes}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -63,14 +99,14 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError("--device cuda: no CUDA device is visible to torch; use --device cpu")
 
 
-def _build(name: str, num_classes: int):
+def _build(name: str, task: str, num_classes: int):
     if name == SMP_MIT_B1:
         import segmentation_models_pytorch as smp
 
         return smp.Segformer("mit_b1", encoder_weights=None, classes=num_classes), "mit"
     from models.factory import build_model, flop_family
 
-    return build_model(name, "seg", num_classes), flop_family(name)
+    return build_model(name, task, num_classes), flop_family(name)
 
 
 def _proc_status_bytes(field: str) -> int:
@@ -89,6 +125,76 @@ def _reset_cpu_peak() -> int:
     return _proc_status_bytes("VmRSS")
 
 
+def _amp_dtype(amp: str | None):
+    import torch
+
+    return {None: torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+
+
+def matmul_peak_gmacs(device: str, amp: str | None, threads: int | None, size: int = 2048, runs: int = 5) -> float:
+    """The best GMAC/s of a square matmul in the benchmark's dtype: the yardstick for '% of peak'."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    size = size if device == "cuda" else 1024
+    a, b = (torch.randn(size, size, device=device, dtype=_amp_dtype(amp)) for _ in range(2))
+    best = 0.0
+    for _ in range(runs + 1):  # the first is a warm-up
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, size**3 / 1e9 / (time.perf_counter() - start))
+    return best
+
+
+def _random_labels(model, x):
+    """Random class labels shaped like the model's logits (per image, or per pixel at stride 4)."""
+    import torch
+
+    with torch.no_grad():
+        shape = model(x).shape
+    return torch.randint(0, shape[1], (shape[0], *shape[2:]), device=x.device)
+
+
+def _make_step(model, x, labels, config: dict[str, Any]) -> Callable[[], None]:
+    """One timed pass: inference forward, or forward + cross-entropy + backward + AdamW step."""
+    import torch
+    import torch.nn.functional as F
+
+    autocast = torch.autocast("cuda", dtype=_amp_dtype(config["amp"]), enabled=config["amp"] is not None)
+    if config["mode"] == "infer":
+        def step() -> None:
+            with torch.inference_mode(), autocast:
+                model(x)
+        return step
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = F.cross_entropy(model(x).float(), labels)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def _time(step: Callable[[], None], runs: int, cuda: bool) -> tuple[list[float], list[float]]:
+    """Wall-clock and process CPU seconds of each pass."""
+    import torch
+
+    walls, cpus = [], []
+    for _ in range(runs):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu_start)
+    return walls, cpus
+
+
 def bench_one(config: dict[str, Any]) -> dict[str, Any]:
     """Time one model in this process (see the module docstring); ``config`` holds the CLI options."""
     import torch
@@ -98,48 +204,55 @@ def bench_one(config: dict[str, Any]) -> dict[str, Any]:
     if config["threads"]:
         torch.set_num_threads(config["threads"])
     device = torch.device(config["device"])
-    model, family = _build(config["model"], config["num_classes"])
-    model = model.eval().to(device)
-    x = torch.randn(1, 3, *config["size"], device=device)
-    autocast = torch.autocast("cuda", dtype=getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[config["amp"]])) if config["amp"] else None
+    cuda = device.type == "cuda"
+    model, family = _build(config["model"], config["task"], config["num_classes"])
+    memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
+    model = model.train(config["mode"] == "train").to(device, memory_format=memory_format)
+    x = torch.randn(config["batch_size"], 3, *config["size"], device=device).contiguous(memory_format=memory_format)
 
-    def forward() -> float:
+    labels = _random_labels(model, x) if config["mode"] == "train" else None
+    compiled: dict[str, Any] = {}
+    if config["compile"]:  # eager first (the speed-up's baseline), then the compiled model
+        eager = _time(_make_step(model, x, labels, config), config["warmup"] + config["runs"], cuda)[0][config["warmup"]:]
+        compiled["eager_latency_s"] = statistics.median(eager)
+        model = torch.compile(model, fullgraph=True)
+    step = _make_step(model, x, labels, config)
+    if config["compile"]:  # the first compiled call compiles
         start = time.perf_counter()
-        if autocast is None:
-            model(x)
-        else:
-            with autocast:
-                model(x)
-        if device.type == "cuda":
+        step()
+        if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        compiled["compile_s"] = time.perf_counter() - start
 
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
         before = _reset_cpu_peak()
-    with torch.inference_mode():
-        for _ in range(config["warmup"]):
-            forward()
-        times = [forward() for _ in range(config["runs"])]
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = _proc_status_bytes("VmHWM") - before
+    _time(step, config["warmup"], cuda)
+    times, cpu_times = _time(step, config["runs"], cuda)
+    peak = (torch.cuda.max_memory_allocated() if cuda else _proc_status_bytes("VmHWM")) - before
     latency = statistics.median(times)
     # counted after timing so the counter's own allocations stay out of the memory peak
-    gmacs = measure(model.cpu(), tuple(config["size"]), family, conventions=("torch",)).gflops["torch"] / 2
-    return {
+    plain = getattr(model, "_orig_mod", model)
+    gmacs = measure(plain.cpu(), tuple(config["size"]), family, conventions=("torch",)).gflops["torch"] / 2
+    step_gmacs = gmacs * config["batch_size"] * (TRAIN_MAC_FACTOR if config["mode"] == "train" else 1)
+    row = {
         "model": config["model"],
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": sum(p.numel() for p in plain.parameters()),
         "gmacs": gmacs,
         "latency_s": latency,
         "latencies_s": times,
-        "gmac_per_s": gmacs / latency,
+        "cpu_s": statistics.median(cpu_times),
+        "images_per_s": config["batch_size"] / latency,
+        "gmac_per_s": step_gmacs / latency,
         "forward_peak_mib": peak / 2**20,
     }
+    if compiled:
+        compiled["compile_speedup"] = compiled["eager_latency_s"] / latency
+        row.update(compiled)
+    return row
 
 
 def _bench_in_subprocess(config: dict[str, Any]) -> dict[str, Any]:
@@ -152,22 +265,48 @@ def _bench_in_subprocess(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _run_data(args: argparse.Namespace) -> int:
+    from reproduce.data.throughput import loader_benchmark  # the engine's loader, imported only here
+
+    result = loader_benchmark(args.data, args.data_root, args.workers)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['dataset']} loader ({result['root'] or 'generated data'}), {result['workers']} workers, "
+              f"batch {result['batch_size']}: {result['images']} images in {result['seconds']:.2f} s = "
+              f"{result['images_per_s']:.1f} images/s")
+    return 0
+
+
+OPTION_KEYS = ("mode", "task", "batch_size", "device", "amp", "compile", "channels_last", "runs", "warmup", "size",
+               "num_classes", "threads")
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         check_args(args)
     except ValueError as err:
         print(f"python -m reproduce bench: error: {err}", file=sys.stderr)
         return 2
+    if args.data:
+        return _run_data(args)
     import torch
 
-    options = {k: getattr(args, k) for k in ("device", "amp", "runs", "warmup", "size", "num_classes", "threads")}
+    if args.num_classes is None:
+        args.num_classes = 19 if args.task == "seg" else 1000
+    options = {k: getattr(args, k) for k in OPTION_KEYS}
+    peak = matmul_peak_gmacs(args.device, args.amp, args.threads)
     rows = [_bench_in_subprocess({"model": name, **options}) for name in args.models]
     reference = next((r for r in rows if r["model"] == args.reference), None)
     for row in rows:
+        row["percent_of_peak"] = 100 * row["gmac_per_s"] / peak
         row["latency_vs_reference"] = row["latency_s"] / reference["latency_s"] if reference else None
+        row["cpu_vs_reference"] = row["cpu_s"] / reference["cpu_s"] if reference else None
         row["memory_vs_reference"] = row["forward_peak_mib"] / reference["forward_peak_mib"] if reference else None
     result = {"options": options, "reference": args.reference if reference else None, "results": rows,
-              "torch": torch.__version__, "threads": args.threads or torch.get_num_threads()}
+              "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(),
+              "matmul_peak_gmac_per_s": peak, "gmacs_count": GMACS_COUNT,
+              "step_macs": f"{TRAIN_MAC_FACTOR}x forward per image" if args.mode == "train" else "forward per image"}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -183,11 +322,22 @@ def _print_table(result: dict[str, Any]) -> None:
     from tabulate import tabulate
 
     opts = result["options"]
-    print(f"forward pass, batch 1, {opts['size'][0]}x{opts['size'][1]}, {opts['num_classes']} classes, "
-          f"{opts['device']} {opts['amp'] or 'fp32'}, median of {opts['runs']} after {opts['warmup']} warm-up, "
-          f"torch {result['torch']}, {result['threads']} threads; ratios vs {result['reference'] or '(no reference run)'}")
+    what = "forward pass" if opts["mode"] == "infer" else "training step (fwd + bwd + AdamW)"
+    print(f"{opts['task']} {what}, batch {opts['batch_size']}, {opts['size'][0]}x{opts['size'][1]}, "
+          f"{opts['num_classes']} classes, {opts['device']} {opts['amp'] or 'fp32'}"
+          f"{', channels-last' if opts['channels_last'] else ''}{', compiled' if opts['compile'] else ''}, "
+          f"median of {opts['runs']} after {opts['warmup']} warm-up, torch {result['torch']}, {result['threads']} threads; "
+          f"ratios vs {result['reference'] or '(no reference run)'}")
+    print(f"GMAC/img = {result['gmacs_count']}; GMAC/s counts {result['step_macs']}; "
+          f"% peak = of the {result['matmul_peak_gmac_per_s']:.1f} GMAC/s square matmul measured in this run")
+    headers = ["model", "params M", "GMAC/img", "latency ms", "latency ratio", "CPU ratio", "img/s", "GMAC/s",
+               "% peak", "peak MiB", "memory ratio"]
     rows = [[r["model"], f"{r['params'] / 1e6:.2f}", f"{r['gmacs']:.2f}", f"{r['latency_s'] * 1e3:.1f}",
-             _ratio(r["latency_vs_reference"]), f"{r['gmac_per_s']:.1f}", f"{r['forward_peak_mib']:.0f}",
-             _ratio(r["memory_vs_reference"])] for r in result["results"]]
-    print(tabulate(rows, headers=["model", "params M", "GMAC", "latency ms", "latency ratio", "GMAC/s",
-                                  "peak MiB", "memory ratio"], disable_numparse=True))
+             _ratio(r["latency_vs_reference"]), _ratio(r["cpu_vs_reference"]), f"{r['images_per_s']:.2f}", f"{r['gmac_per_s']:.1f}",
+             f"{r['percent_of_peak']:.0f}", f"{r['forward_peak_mib']:.0f}", _ratio(r["memory_vs_reference"])]
+            for r in result["results"]]
+    if opts["compile"]:
+        headers += ["compile s", "vs eager"]
+        for line, r in zip(rows, result["results"]):
+            line += [f"{r['compile_s']:.1f}", _ratio(r["compile_speedup"])]
+    print(tabulate(rows, headers=headers, disable_numparse=True))

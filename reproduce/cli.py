@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("reproduce.train.evaluate", "evaluate a checkpoint on a dataset split"),
     "doctor": ("reproduce.doctor", "GPU self-check: smoke training under torchrun/nccl, bf16/fp16, SyncBN, benchmark"),
     "tables": ("reproduce.tables", "regenerate the paper's tables, Figure 5 and the claims ledger"),
+    "plan": ("reproduce.plan", "estimated GPU-hours, wall time and disk of the paper profile's training stages"),
 }
 
 

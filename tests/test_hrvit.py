@@ -443,3 +443,15 @@ def test_grad_checkpointing_matches_plain_backward(b1):
     torch.testing.assert_close(grads[0][0], grads[1][0])
     for plain, ckpt in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(plain, ckpt)
+
+
+def test_inference_then_training_step_at_the_same_shape(b1):
+    """Issue 9 §5: a padding mask first built under inference_mode must not be reused by a later
+    training step at the same shape ("Inference tensors cannot be saved for backward")."""
+    model = copy.deepcopy(b1)
+    torch.manual_seed(0)  # deterministic
+    x = torch.randn(1, 3, 40, 48)  # padded stripes on branches 3 and 4
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()(x).sum().backward()
+    assert model.stages[-1].branches[-1].blocks[0].attn.bn.weight.grad is not None

@@ -1,0 +1,212 @@
+"""``python -m reproduce plan``: what the paper profile's training stages cost, before running them.
+
+For every DVC training stage (``pretrain@RUN``, ``finetune_cityscapes@RUN``, ``finetune_ade20k@RUN``)
+that the chosen tables need, the plan lists the images (or crops) processed, the GFLOPs per image of
+a training step, and an ESTIMATE of GPU-hours and wall time on ``--gpus`` GPUs, plus the disk the
+stage's checkpoint needs; then totals per table and for the de-duplicated set of stages.
+
+How the figures are made (all printed with the plan):
+
+* images: pretraining epochs x 1,281,167 ImageNet-1K training images; fine-tuning iterations x the
+  global batch (crops of the recipe's crop size). Evaluation passes are not included.
+* GFLOPs per image: the FLOP ledger's torch count (2 FLOPs per multiply-accumulate, attention
+  included) of one forward pass at the stage's image/crop size, times 3 for forward + backward.
+* GPU-hours: from ``--throughput FILE`` (the JSON of ``bench --device cuda --mode train --json``:
+  each model's achieved GMAC/s, or the file's mean for models it did not measure), or from
+  ``--gpu-type``'s dense bf16/fp16 tensor peak times ``--efficiency`` (an assumption, default 5 %).
+  Wall time assumes perfect scaling over ``--gpus``.
+* disk: one checkpoint per stage, 12 bytes per parameter (fp32 weights + two AdamW moments).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+TRAIN_FLOP_FACTOR = 3  # forward + backward (2x forward)
+CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights + AdamW exp_avg + exp_avg_sq
+GPU_PEAK_TFLOPS = {  # dense fp16/bf16 tensor-core peak per GPU (vendor data sheets)
+    "V100": 125.0,
+    "A100": 312.0,
+    "H100": 989.0,
+    "H200": 989.0,
+}
+# Assumed share of the tensor peak a training run sustains. Mid-size vision transformers with
+# depthwise convs, small matmuls and data loading land far below the peak: e.g. a DeiT-S-sized
+# model (4.6 GMAC) trained 300 epochs in about 3 days on 8 V100s sustains about 4 % of their peak.
+DEFAULT_EFFICIENCY = 0.05
+SEG_CLASSES = {"cityscapes": 19, "ade20k": 150}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One DVC training stage of the paper profile and its estimated cost."""
+
+    stage: str
+    model: str
+    images: int
+    size: int
+    gflops_per_image: float  # forward + backward, torch count
+    params: int
+    gpu_hours: float
+    disk_gb: float
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from reproduce.tables.spec import TABLES
+
+    parser.add_argument("--tables", nargs="+", default=list(TABLES), metavar="TABLE",
+                        help=f"tables to plan for (default: all): {', '.join(TABLES)}")
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs the stages run on (default 8)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--gpu-type", choices=sorted(GPU_PEAK_TFLOPS), default="A100",
+                        help="estimate from this GPU's tensor peak x --efficiency (default A100)")
+    source.add_argument("--throughput", type=Path, metavar="FILE",
+                        help="estimate from measured GMAC/s: the JSON of `bench --device cuda --mode train --json`")
+    parser.add_argument("--efficiency", type=float, default=DEFAULT_EFFICIENCY,
+                        help="fraction of the --gpu-type peak assumed achieved (default %(default)s)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="pipeline parameters (default params.yaml)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def _check(args: argparse.Namespace) -> dict[str, float] | None:
+    """Validate the options (ValueError naming the problem); return the measured GMAC/s per model, if given."""
+    from reproduce.tables.spec import TABLES
+
+    unknown = [t for t in args.tables if t not in TABLES]
+    if unknown:
+        raise ValueError(f"unknown table(s) {unknown}; choose from {', '.join(TABLES)}")
+    if args.gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {args.gpus}")
+    if not 0 < args.efficiency <= 1:
+        raise ValueError(f"--efficiency must be in (0, 1], got {args.efficiency}")
+    if args.throughput is None:
+        return None
+    try:
+        bench = json.loads(args.throughput.read_text())
+        rates = {row["model"]: float(row["gmac_per_s"]) for row in bench["results"]}
+        mode = bench["options"]["mode"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--throughput {args.throughput}: not a `bench --json` result ({err}); "
+                         "make one with `python -m reproduce bench --device cuda --mode train --json > FILE`") from err
+    if mode != "train" or not rates:
+        raise ValueError(f"--throughput {args.throughput}: needs a `bench --mode train` result with at least one model; got mode {mode!r}")
+    return rates
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_gflops_and_params(model: str, task: str, num_classes: int, size: int, ablate: tuple[str, ...],
+                               windows: tuple[int, ...] | None) -> tuple[float, int]:
+    from reproduce.measure import measure_named
+
+    result = measure_named(model, task, num_classes, (size, size), windows, ablate, conventions=["torch"])
+    return result["gflops"]["torch"], result["params"]
+
+
+def stages_for(params: dict[str, Any], tables: list[str]) -> dict[str, list[tuple[str, str, str]]]:
+    """Table -> its training stages as (kind, run, stage name), pretraining first (finetunes need its checkpoint)."""
+    from reproduce.pipeline import lookup
+    from reproduce.tables.spec import TABLES, runs_needed
+
+    plan = {}
+    for table in tables:
+        needed = runs_needed(TABLES[table])
+        pretrain = set(needed["pretrain"])
+        for kind in SEG_CLASSES:
+            pretrain |= {lookup(params, kind, run)["init"] for run in needed[kind]}
+        stages = [("pretrain", run, f"pretrain@{run}") for run in sorted(pretrain)]
+        stages += [(kind, run, f"finetune_{kind}@{run}") for kind in SEG_CLASSES for run in sorted(needed[kind])]
+        plan[table] = stages
+    return plan
+
+
+def cost(params: dict[str, Any], kind: str, run: str, stage: str, gmac_per_s: float) -> Stage:
+    """The cost of one stage at ``gmac_per_s`` achieved GMAC/s (2 FLOPs each) per GPU."""
+    from reproduce.pipeline import lookup
+
+    recipes = params["recipes"]["paper"]
+    if kind == "pretrain":
+        entry, recipe = lookup(params, "pretrain", run), recipes["pretrain"]
+        images, size, task, classes, windows = recipe["epochs"] * IMAGENET_TRAIN_IMAGES, recipe["image-size"], "cls", 1000, None
+    else:
+        finetune, recipe = lookup(params, kind, run), recipes[kind]
+        entry = lookup(params, "pretrain", finetune["init"])
+        images, size, task, classes = recipe["iters"] * recipe["batch-size"], recipe["crop-size"], "seg", SEG_CLASSES[kind]
+        windows = tuple(finetune["window-sizes"]) if finetune.get("window-sizes") else None
+    forward, n_params = _forward_gflops_and_params(entry["model"], task, classes, size, tuple(entry.get("ablate") or ()), windows)
+    gflops = TRAIN_FLOP_FACTOR * forward
+    gpu_hours = images * gflops / (2 * gmac_per_s) / 3600
+    return Stage(stage, entry["model"], images, size, gflops, n_params, gpu_hours, n_params * CHECKPOINT_BYTES_PER_PARAM / 1e9)
+
+
+def run(args: argparse.Namespace) -> int:
+    from reproduce.pipeline import ParamsError, load_params
+
+    try:
+        rates = _check(args)
+        params = load_params(args.params)
+        if "paper" not in params["recipes"]:
+            raise ParamsError(f"{args.params}: no recipes.paper section")
+    except (ValueError, ParamsError) as err:
+        print(f"python -m reproduce plan: error: {err}", file=sys.stderr)
+        return 2
+    if rates is None:
+        assumption = f"{args.gpu_type} at {args.efficiency:.0%} of its {GPU_PEAK_TFLOPS[args.gpu_type]:.0f} TFLOPS tensor peak"
+        default_rate = GPU_PEAK_TFLOPS[args.gpu_type] * 1e3 / 2 * args.efficiency
+    else:
+        assumption = f"GMAC/s measured by bench ({args.throughput}); models it did not measure use its mean"
+        default_rate = sum(rates.values()) / len(rates)
+    plan: dict[str, list[Stage]] = {}
+    for table, stages in stages_for(params, args.tables).items():
+        plan[table] = []
+        for kind, run_name, stage in stages:
+            model = lookup_model(params, kind, run_name)
+            plan[table].append(cost(params, kind, run_name, stage, (rates or {}).get(model, default_rate)))
+    unique = {s.stage: s for stages in plan.values() for s in stages}
+    result = {
+        "assumption": assumption,
+        "gpus": args.gpus,
+        "tables": {t: {"stages": [asdict(s) for s in stages], **_totals(stages, args.gpus)} for t, stages in plan.items()},
+        "all": {"stages": len(unique), **_totals(list(unique.values()), args.gpus)},
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print(result)
+    return 0
+
+
+def lookup_model(params: dict[str, Any], kind: str, run: str) -> str:
+    from reproduce.pipeline import lookup
+
+    entry = lookup(params, kind, run)
+    return entry["model"] if kind == "pretrain" else lookup(params, "pretrain", entry["init"])["model"]
+
+
+def _totals(stages: list[Stage], gpus: int) -> dict[str, float]:
+    gpu_hours = sum(s.gpu_hours for s in stages)
+    return {"gpu_hours": gpu_hours, "wall_hours": gpu_hours / gpus, "disk_gb": sum(s.disk_gb for s in stages)}
+
+
+def _print(result: dict[str, Any]) -> None:
+    from tabulate import tabulate
+
+    print(f"ESTIMATES for the paper profile: {result['assumption']}; {result['gpus']} GPUs, perfect scaling; "
+          "GFLOPs/img = torch count of forward x 3 (fwd + bwd); evaluation not included; disk = one checkpoint "
+          f"({CHECKPOINT_BYTES_PER_PARAM} B/param)")
+    for table, entry in result["tables"].items():
+        print(f"\n{table}")
+        rows = [[s["stage"], f"{s['images']:,}", s["size"], f"{s['gflops_per_image']:.1f}", f"{s['gpu_hours']:,.0f}",
+                 f"{s['gpu_hours'] / result['gpus']:,.1f}", f"{s['disk_gb']:.2f}"] for s in entry["stages"]]
+        rows.append(["total", "", "", "", f"{entry['gpu_hours']:,.0f}", f"{entry['wall_hours']:,.1f}", f"{entry['disk_gb']:.2f}"])
+        print(tabulate(rows, headers=["stage", "images", "px", "GFLOPs/img", "GPU-h", "wall h", "disk GB"],
+                       disable_numparse=True))
+    total = result["all"]
+    print(f"\nall selected tables, {total['stages']} distinct stages (shared stages counted once): "
+          f"{total['gpu_hours']:,.0f} GPU-hours, {total['wall_hours']:,.1f} h wall on {result['gpus']} GPUs, "
+          f"{total['disk_gb']:.1f} GB of checkpoints")
