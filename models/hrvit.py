@@ -18,6 +18,7 @@ refer to it). Beyond the official code:
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
