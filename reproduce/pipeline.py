@@ -97,7 +97,44 @@ def validate_params(params: Any, path: Path = Path("params.yaml")) -> dict[str, 
                 windows = entry.get("window-sizes")
                 _require(windows is None or _is_int_list(windows, 4), f"{where}.window-sizes must be four integers, got {windows!r}")
     _check_recipes(params, path)
+    _check_extra_rows(params, path)
     return params
+
+
+def _check_extra_rows(params: dict[str, Any], path: Path) -> None:
+    """``extra_rows: {TABLE: [{label, model, flop_family?, runs?: {column: run}}]}``: a user's own rows."""
+    from models.factory import check_model_name
+    from reproduce.tables.spec import ACCURACY_COLUMNS, EXTRA_ROW_KEYS, EXTRA_TABLES, TABLES
+
+    extra = params.get("extra_rows") or {}
+    _require(isinstance(extra, dict), f"{path}: extra_rows must map table names to lists of rows")
+    for table, rows in extra.items():
+        _require(table in EXTRA_TABLES, f"{path}: extra_rows.{table}: rows can join {', '.join(EXTRA_TABLES)}")
+        _require(isinstance(rows, list), f"{path}: extra_rows.{table} must be a list of rows (or [])")
+        labels = {row.label for row in TABLES[table].rows}
+        for i, row in enumerate(rows):
+            where = f"{path}: extra_rows.{table}[{i}]"
+            _require(isinstance(row, dict) and isinstance(row.get("label"), str) and isinstance(row.get("model"), str)
+                     and not set(row) - EXTRA_ROW_KEYS,
+                     f"{where} must be {{label: TEXT, model: NAME, flop_family: hrvit|mit|cswin, runs: {{COLUMN: RUN}}}}, "
+                     f"got {row!r}")
+            _require(row["label"] not in labels, f"{where}.label {row['label']!r} is already a row of {table}; pick another")
+            labels.add(row["label"])
+            try:
+                check_model_name(row["model"])
+            except ValueError as err:
+                raise ParamsError(f"{where}.model: {err}") from None
+            _require(row.get("flop_family") in (None, "hrvit", "mit", "cswin"),
+                     f"{where}.flop_family must be hrvit, mit or cswin (the paper-convention counting rule)")
+            runs = row.get("runs") or {}
+            _require(isinstance(runs, dict), f"{where}.runs must map accuracy columns to run names")
+            for column, run in runs.items():
+                _require(column in TABLES[table].columns and column in ACCURACY_COLUMNS,
+                         f"{where}.runs: {table} has no accuracy column {column!r}; its columns: "
+                         f"{', '.join(c for c in TABLES[table].columns if c in ACCURACY_COLUMNS)}")
+                kind = ACCURACY_COLUMNS[column]
+                _require(run in params[kind], f"{where}.runs.{column}: no {kind} run {run!r} in {path} (add one whose "
+                         f"model is {row['model']})")
 
 
 def _check_recipes(params: dict[str, Any], path: Path) -> None:
@@ -314,16 +351,20 @@ def measure_requests(params: dict[str, Any], table_name: str, fair: bool = False
     """Row label -> keyword arguments of ``reproduce.measure.measure_named`` for one table: each row at the
     setting the paper measured it (``fair``: the rows whose setting differs from the table's one shared
     setting, measured at that setting, for the "all backbones at one setting" view)."""
-    from reproduce.tables.spec import TABLES
+    from reproduce.tables.spec import TABLES, resolve
 
     if table_name not in TABLES:
         raise ParamsError(f"unknown table {table_name!r}; choose from {', '.join(TABLES)}")
-    table = TABLES[table_name]
+    table = resolve(table_name, params)
     requests = {}
     for row in table.rows:
         if fair and (table.fair is None or row.measure == table.fair):
             continue
         setting = table.fair if fair else row.measure
+        if row.extra:  # a user's row: the model name itself, at the table's shared setting
+            requests[row.label] = {"name": row.model, "task": setting.task, "num_classes": setting.num_classes,
+                                   "size": setting.size, "window_sizes": None, "ablate": [], "flop_family": row.flop_family}
+            continue
         entry = lookup(params, "pretrain", row.model)
         windows = lookup(params, "cityscapes", row.window_run).get("window-sizes") if row.window_run else None
         requests[row.label] = {"name": entry["model"], "task": setting.task, "num_classes": setting.num_classes,

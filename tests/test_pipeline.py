@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from reproduce import pipeline
-from reproduce.tables.spec import TABLES, runs_needed
+from reproduce.tables.spec import EXTRA_TABLES, TABLES, runs_needed
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -48,6 +48,8 @@ def test_table_stage_deps_match_the_table_spec(name):
             expected |= {f"results/pretrain/{PARAMS[kind][run]['init']}/metrics.json" for run in runs}
     results = {d for d in _deps(stage) if d.startswith(("results/", "tables/paper/"))}
     assert results == expected
+    # a table a user's rows can join reads them from params.yaml (extra_rows.<table>), and nothing else there
+    assert stage.get("params", []) == ([f"extra_rows.{name}"] if name in EXTRA_TABLES else [])
     assert stage["cmd"] == f"python -m reproduce tables {name}"
     assert set(_outs(stage)) >= {f"tables/{name}.{ext}" for ext in ("md", "tex", "csv", "json")}
     # metrics are read through the top-level `metrics: [tables/metrics]` folder (absent tables: no warning)
@@ -79,6 +81,7 @@ def test_measure_stages_track_exactly_the_params_they_read():
         requests = pipeline.measure_requests(PARAMS, name)
         assert set(requests) == {r.label for r in table.rows}
         keys = set(stage["params"])
+        assert (f"extra_rows.{name}" in keys) == (name in EXTRA_TABLES)
         for row in table.rows:
             assert {f"pretrain.{row.model}.model", f"pretrain.{row.model}.ablate"} <= keys
             if row.window_run:
