@@ -152,6 +152,37 @@ def test_per_run_recipe_override_and_bad_params():
     assert pipeline.flags({"amp": False, "sync-bn": True, "x": None, "ablate": []}) == ["--no-amp", "--sync-bn"]
 
 
+
+def test_finetune_from_a_weights_file(tmp_path):
+    """from_file.<dataset>.<run>: `--pretrained FILE` with the entry's own model; the DVC stage depends on the
+    file (no pretrain stage); a missing file or a clashing run name fails in one line before any work."""
+    from reproduce.fingerprint import run_configs
+
+    weights = tmp_path / "mit_b1.pth"
+    weights.write_bytes(b"x")
+    entry = {"model": "mit_b1", "init": {"file": str(weights)}}
+    params = pipeline.validate_params({**PARAMS, "from_file": {"cityscapes": {"mit_b1-published": entry}, "ade20k": {}}})
+    argv = pipeline.finetune_argv(params, "cityscapes", "mit_b1-published", Path("r"))
+    assert argv[argv.index("--model") + 1] == "mit_b1" and argv[argv.index("--pretrained") + 1] == str(weights)
+    assert argv[argv.index("--output") + 1] == "r/finetune/cityscapes/mit_b1-published"
+    assert pipeline.finetune_argv({**params, "recipes": {**params["recipes"], "smoke": {**params["recipes"]["smoke"],
+                                   "seeds": [0, 1]}}}, "cityscapes", "mit_b1-published", Path("r"), seed=1) \
+        [argv.index("--pretrained") + 1] == str(weights)  # every seed starts from the same file
+    assert run_configs(params)["cityscapes", "mit_b1-published"] == run_configs(params)["cityscapes", "mit_b1"]
+    do = STAGES["finetune_cityscapes_from_file"]["do"]
+    assert STAGES["finetune_cityscapes_from_file"]["foreach"] == "${from_file.cityscapes}"
+    assert _deps(do) == ["results/fingerprints/code.json", "results/fingerprints/cityscapes/${key}.json", "${item.init.file}"]
+    assert "from_file.cityscapes.${key}" in do["params"] and not any("pretrain" in k for k in do["params"])
+    assert set(_outs(do)) == set(_outs(STAGES["finetune_cityscapes"]["do"]))
+    assert PARAMS["from_file"] == {"cityscapes": {}, "ade20k": {}}
+    weights.unlink()
+    with pytest.raises(pipeline.ParamsError, match="init.file .* not found"):
+        pipeline.finetune_argv(params, "cityscapes", "mit_b1-published", Path("r"))
+    with pytest.raises(pipeline.ParamsError, match="already has a run 'mit_b1'"):
+        pipeline.validate_params({**PARAMS, "from_file": {"cityscapes": {"mit_b1": entry}}})
+    with pytest.raises(pipeline.ParamsError, match="must be {model: NAME, init: {file: PATH}}"):
+        pipeline.validate_params({**PARAMS, "from_file": {"cityscapes": {"x": {"init": "mit_b1"}}}})
+
 def _main(capsys, *argv: str) -> tuple[int, str]:
     code = pipeline.main(list(argv))
     return code, capsys.readouterr().err
