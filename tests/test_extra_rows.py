@@ -13,8 +13,8 @@ import yaml
 
 from reproduce import pipeline
 from reproduce.cli import main as reproduce_main
-from reproduce.tables.cells import build_records, measure_path, run_metrics_path
-from reproduce.tables.render import format_cell, legend
+from reproduce.tables.cells import measure_path, run_metrics_path
+from reproduce.tables.render import format_cell
 from reproduce.tables.spec import TABLES, resolve, runs_needed
 from reproduce.tables.status import paper_recipe
 
