@@ -117,8 +117,9 @@ def run_configs(params: dict[str, Any]) -> dict[tuple[str, str], ModelConfig]:
     for run, entry in (params.get("pretrain") or {}).items():
         configs["pretrain", run] = ModelConfig(entry["model"], "cls", tuple(sorted(entry.get("ablate") or ())))
     for kind in RUN_KINDS[1:]:
-        for run, entry in (params.get(kind) or {}).items():
-            init = params["pretrain"][entry["init"]]
+        from_file = (params.get("from_file") or {}).get(kind) or {}
+        for run, entry in {**(params.get(kind) or {}), **from_file}.items():
+            init = entry if run in from_file else params["pretrain"][entry["init"]]  # from_file entries name their model
             windows = entry.get("window-sizes")
             configs[kind, run] = ModelConfig(init["model"], "seg", tuple(sorted(init.get("ablate") or ())),
                                              tuple(windows) if windows else None)

@@ -96,8 +96,81 @@ def validate_params(params: Any, path: Path = Path("params.yaml")) -> dict[str, 
                 _require(entry.get("init") in params["pretrain"], f"{where}.init must name a pretrain run, got {entry.get('init')!r}")
                 windows = entry.get("window-sizes")
                 _require(windows is None or _is_int_list(windows, 4), f"{where}.window-sizes must be four integers, got {windows!r}")
+    _check_from_file(params, path)
     _check_recipes(params, path)
+    _check_extra_rows(params, path)
     return params
+
+
+def _check_extra_rows(params: dict[str, Any], path: Path) -> None:
+    """``extra_rows: {TABLE: [{label, model, flop_family?, runs?: {column: run}}]}``: a user's own rows."""
+    from models.factory import check_model_name
+    from reproduce.tables.spec import ACCURACY_COLUMNS, EXTRA_ROW_KEYS, EXTRA_TABLES, TABLES
+
+    extra = params.get("extra_rows") or {}
+    _require(isinstance(extra, dict), f"{path}: extra_rows must map table names to lists of rows")
+    for table, rows in extra.items():
+        _require(table in EXTRA_TABLES, f"{path}: extra_rows.{table}: rows can join {', '.join(EXTRA_TABLES)}")
+        _require(isinstance(rows, list), f"{path}: extra_rows.{table} must be a list of rows (or [])")
+        labels = {row.label for row in TABLES[table].rows}
+        for i, row in enumerate(rows):
+            where = f"{path}: extra_rows.{table}[{i}]"
+            _require(isinstance(row, dict) and isinstance(row.get("label"), str) and isinstance(row.get("model"), str)
+                     and not set(row) - EXTRA_ROW_KEYS,
+                     f"{where} must be {{label: TEXT, model: NAME, flop_family: hrvit|mit|cswin, runs: {{COLUMN: RUN}}}}, "
+                     f"got {row!r}")
+            _require(row["label"] not in labels, f"{where}.label {row['label']!r} is already a row of {table}; pick another")
+            labels.add(row["label"])
+            try:
+                check_model_name(row["model"])
+            except ValueError as err:
+                raise ParamsError(f"{where}.model: {err}") from None
+            _require(row.get("flop_family") in (None, "hrvit", "mit", "cswin"),
+                     f"{where}.flop_family must be hrvit, mit or cswin (the paper-convention counting rule)")
+            runs = row.get("runs") or {}
+            _require(isinstance(runs, dict), f"{where}.runs must map accuracy columns to run names")
+            for column, run in runs.items():
+                _require(column in TABLES[table].columns and column in ACCURACY_COLUMNS,
+                         f"{where}.runs: {table} has no accuracy column {column!r}; its columns: "
+                         f"{', '.join(c for c in TABLES[table].columns if c in ACCURACY_COLUMNS)}")
+                kind = ACCURACY_COLUMNS[column]
+                _require(run in runs_of(params, kind), f"{where}.runs.{column}: no {kind} run {run!r} in {path} (add one whose "
+                         f"model is {row['model']})")
+
+
+def _check_from_file(params: dict[str, Any], path: Path) -> None:
+    """``from_file: {cityscapes|ade20k: {RUN: {model, init: {file: PATH}, ...}}}``: fine-tunes that start from a
+    weights file (any format ``finetune --pretrained`` reads) instead of a pretrain run."""
+    sections = params.get("from_file") or {}
+    _require(isinstance(sections, dict) and set(sections) <= set(RUN_KINDS[1:]),
+             f"{path}: from_file must map cityscapes/ade20k to runs, got {sections!r}")
+    for kind, runs in sections.items():
+        _require(isinstance(runs, dict), f"{path}: from_file.{kind} must map run names to entries (or {{}})")
+        for run, entry in runs.items():
+            where = f"{path}: from_file.{kind}.{run}"
+            _require(run not in params[kind], f"{where}: {kind} already has a run {run!r}; run names must be unique")
+            _require(isinstance(entry, dict) and isinstance(entry.get("model"), str)
+                     and isinstance(entry.get("init"), dict) and isinstance(entry["init"].get("file"), str),
+                     f"{where} must be {{model: NAME, init: {{file: PATH}}}} (e.g. {{model: mit_b1, init: {{file: "
+                     f"weights/mit_b1.pth}}}}), got {entry!r}")
+            _require(isinstance(entry.get("recipe", {}), dict), f"{where}.recipe must map flags to values")
+            _require(isinstance(entry.get("ablate", []), list), f"{where}.ablate must be a list (e.g. [mixcfn])")
+            windows = entry.get("window-sizes")
+            _require(windows is None or _is_int_list(windows, 4), f"{where}.window-sizes must be four integers, got {windows!r}")
+
+
+def runs_of(params: dict[str, Any], kind: str) -> dict[str, Any]:
+    """Every run of a kind: its section, plus (fine-tuning) the runs of ``from_file.<kind>``."""
+    runs = dict(params.get(kind) or {})
+    if kind != "pretrain":
+        runs.update((params.get("from_file") or {}).get(kind) or {})
+    return runs
+
+
+def init_file(entry: dict[str, Any]) -> str | None:
+    """The weights file a fine-tuning entry starts from (``init: {file: PATH}``), or None (a pretrain run)."""
+    init = entry.get("init")
+    return init.get("file") if isinstance(init, dict) else None
 
 
 def _check_recipes(params: dict[str, Any], path: Path) -> None:
@@ -107,7 +180,7 @@ def _check_recipes(params: dict[str, Any], path: Path) -> None:
     profile = params["profile"]
     sections = [(f"recipes.{profile}.{kind}", kind, params["recipes"][profile][kind]) for kind in RUN_KINDS]
     sections += [(f"{kind}.{run}.recipe", kind, entry["recipe"]) for kind in RUN_KINDS
-                 for run, entry in params[kind].items() if entry.get("recipe")]
+                 for run, entry in runs_of(params, kind).items() if entry.get("recipe")]
     for where, kind, mapping in sections:
         try:
             validate_recipe(kind, mapping)
@@ -136,7 +209,7 @@ def check_launcher(params: dict[str, Any]) -> None:
 
 
 def lookup(params: dict[str, Any], kind: str, run: str) -> dict[str, Any]:
-    runs = params.get(kind) or {}
+    runs = runs_of(params, kind)
     if run not in runs:
         raise ParamsError(f"params.yaml has no {kind} run {run!r}; defined: {', '.join(runs)}")
     return runs[run] or {}
@@ -193,9 +266,15 @@ def pretrain_argv(params: dict[str, Any], run: str, results: Path, seed: int | N
 
 def finetune_argv(params: dict[str, Any], dataset: str, run: str, results: Path, seed: int | None = None) -> list[str]:
     entry = lookup(params, dataset, run)
-    init = lookup(params, "pretrain", entry["init"])
     recipe = {**active_recipe(params)[dataset], **(entry.get("recipe") or {}), **({} if seed is None else {"seed": seed})}
-    pretrained = seed_dir(run_dir(results, "pretrain", entry["init"]), seed) / WEIGHTS  # seed s starts from pretrain seed s
+    if init_file(entry):  # from_file: the entry names its model; every seed starts from the same file
+        init, pretrained = entry, Path(init_file(entry))
+        if not pretrained.is_file():
+            raise ParamsError(f"from_file.{dataset}.{run}.init.file {pretrained} not found: put the weights there "
+                              "(README: Published weights and your own model) or fix the path in params.yaml")
+    else:
+        init = lookup(params, "pretrain", entry["init"])
+        pretrained = seed_dir(run_dir(results, "pretrain", entry["init"]), seed) / WEIGHTS  # seed s starts from pretrain seed s
     return ["finetune", "--model", init["model"], "--profile", params["profile"], *dataset_flags(params, dataset),
             *flags({"ablate": init.get("ablate") or [], "window-sizes": entry.get("window-sizes") or []}), *flags(recipe),
             "--pretrained", str(pretrained), "--output", str(seed_dir(run_dir(results, dataset, run), seed))]
@@ -314,16 +393,20 @@ def measure_requests(params: dict[str, Any], table_name: str, fair: bool = False
     """Row label -> keyword arguments of ``reproduce.measure.measure_named`` for one table: each row at the
     setting the paper measured it (``fair``: the rows whose setting differs from the table's one shared
     setting, measured at that setting, for the "all backbones at one setting" view)."""
-    from reproduce.tables.spec import TABLES
+    from reproduce.tables.spec import TABLES, resolve
 
     if table_name not in TABLES:
         raise ParamsError(f"unknown table {table_name!r}; choose from {', '.join(TABLES)}")
-    table = TABLES[table_name]
+    table = resolve(table_name, params)
     requests = {}
     for row in table.rows:
         if fair and (table.fair is None or row.measure == table.fair):
             continue
         setting = table.fair if fair else row.measure
+        if row.extra:  # a user's row: the model name itself, at the table's shared setting
+            requests[row.label] = {"name": row.model, "task": setting.task, "num_classes": setting.num_classes,
+                                   "size": setting.size, "window_sizes": None, "ablate": [], "flop_family": row.flop_family}
+            continue
         entry = lookup(params, "pretrain", row.model)
         windows = lookup(params, "cityscapes", row.window_run).get("window-sizes") if row.window_run else None
         requests[row.label] = {"name": entry["model"], "task": setting.task, "num_classes": setting.num_classes,

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from reproduce import pipeline
-from reproduce.tables.spec import TABLES, runs_needed
+from reproduce.tables.spec import EXTRA_TABLES, TABLES, runs_needed
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -48,6 +48,8 @@ def test_table_stage_deps_match_the_table_spec(name):
             expected |= {f"results/pretrain/{PARAMS[kind][run]['init']}/metrics.json" for run in runs}
     results = {d for d in _deps(stage) if d.startswith(("results/", "tables/paper/"))}
     assert results == expected
+    # a table a user's rows can join reads them from params.yaml (extra_rows.<table>), and nothing else there
+    assert stage.get("params", []) == ([f"extra_rows.{name}"] if name in EXTRA_TABLES else [])
     assert stage["cmd"] == f"python -m reproduce tables {name}"
     assert set(_outs(stage)) >= {f"tables/{name}.{ext}" for ext in ("md", "tex", "csv", "json")}
     # metrics are read through the top-level `metrics: [tables/metrics]` folder (absent tables: no warning)
@@ -79,6 +81,7 @@ def test_measure_stages_track_exactly_the_params_they_read():
         requests = pipeline.measure_requests(PARAMS, name)
         assert set(requests) == {r.label for r in table.rows}
         keys = set(stage["params"])
+        assert (f"extra_rows.{name}" in keys) == (name in EXTRA_TABLES)
         for row in table.rows:
             assert {f"pretrain.{row.model}.model", f"pretrain.{row.model}.ablate"} <= keys
             if row.window_run:
@@ -148,6 +151,37 @@ def test_per_run_recipe_override_and_bad_params():
         pipeline.pretrain_argv(params, "nope", Path("results"))
     assert pipeline.flags({"amp": False, "sync-bn": True, "x": None, "ablate": []}) == ["--no-amp", "--sync-bn"]
 
+
+
+def test_finetune_from_a_weights_file(tmp_path):
+    """from_file.<dataset>.<run>: `--pretrained FILE` with the entry's own model; the DVC stage depends on the
+    file (no pretrain stage); a missing file or a clashing run name fails in one line before any work."""
+    from reproduce.fingerprint import run_configs
+
+    weights = tmp_path / "mit_b1.pth"
+    weights.write_bytes(b"x")
+    entry = {"model": "mit_b1", "init": {"file": str(weights)}}
+    params = pipeline.validate_params({**PARAMS, "from_file": {"cityscapes": {"mit_b1-published": entry}, "ade20k": {}}})
+    argv = pipeline.finetune_argv(params, "cityscapes", "mit_b1-published", Path("r"))
+    assert argv[argv.index("--model") + 1] == "mit_b1" and argv[argv.index("--pretrained") + 1] == str(weights)
+    assert argv[argv.index("--output") + 1] == "r/finetune/cityscapes/mit_b1-published"
+    assert pipeline.finetune_argv({**params, "recipes": {**params["recipes"], "smoke": {**params["recipes"]["smoke"],
+                                   "seeds": [0, 1]}}}, "cityscapes", "mit_b1-published", Path("r"), seed=1) \
+        [argv.index("--pretrained") + 1] == str(weights)  # every seed starts from the same file
+    assert run_configs(params)["cityscapes", "mit_b1-published"] == run_configs(params)["cityscapes", "mit_b1"]
+    do = STAGES["finetune_cityscapes_from_file"]["do"]
+    assert STAGES["finetune_cityscapes_from_file"]["foreach"] == "${from_file.cityscapes}"
+    assert _deps(do) == ["results/fingerprints/code.json", "results/fingerprints/cityscapes/${key}.json", "${item.init.file}"]
+    assert "from_file.cityscapes.${key}" in do["params"] and not any("pretrain" in k for k in do["params"])
+    assert set(_outs(do)) == set(_outs(STAGES["finetune_cityscapes"]["do"]))
+    assert PARAMS["from_file"] == {"cityscapes": {}, "ade20k": {}}
+    weights.unlink()
+    with pytest.raises(pipeline.ParamsError, match="init.file .* not found"):
+        pipeline.finetune_argv(params, "cityscapes", "mit_b1-published", Path("r"))
+    with pytest.raises(pipeline.ParamsError, match="already has a run 'mit_b1'"):
+        pipeline.validate_params({**PARAMS, "from_file": {"cityscapes": {"mit_b1": entry}}})
+    with pytest.raises(pipeline.ParamsError, match="must be {model: NAME, init: {file: PATH}}"):
+        pipeline.validate_params({**PARAMS, "from_file": {"cityscapes": {"x": {"init": "mit_b1"}}}})
 
 def _main(capsys, *argv: str) -> tuple[int, str]:
     code = pipeline.main(list(argv))

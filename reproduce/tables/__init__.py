@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from reproduce.tables.spec import ABLATION, CLAIMS, FIGURE, TABLES, TARGETS
+from reproduce.tables.spec import ABLATION, CLAIMS, FIGURE, TARGETS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +19,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"what to write (default: everything): {', '.join(TARGETS)}")
     parser.add_argument("--results", type=Path, default=Path("results"), help="pipeline results folder (default results)")
     parser.add_argument("--out", type=Path, default=Path("tables"), help="output folder (default tables)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="params.yaml whose extra_rows add your own rows (default params.yaml; ignored if absent)")
+
+
+def extra_rows(path: Path) -> dict:
+    """The validated params of ``path`` (for its ``extra_rows``), or {} when there is no such file."""
+    if not path.is_file():
+        return {}
+    from reproduce.pipeline import load_params
+
+    return load_params(path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,15 +38,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"python -m reproduce tables: error: unknown name(s) {unknown}; choose from {', '.join(TARGETS)}")
         return 2
     names = args.names or list(TARGETS)
+    from reproduce.pipeline import ParamsError
     from reproduce.tables.cells import build_records
     from reproduce.tables.render import write_table
+    from reproduce.tables.spec import resolve
 
+    try:
+        params = extra_rows(args.params)
+    except ParamsError as err:
+        print(f"python -m reproduce tables: error: {err}")
+        return 2
     written: list[Path] = []
     for name in names:
         if name == CLAIMS:
             continue
-        records = build_records(TABLES[name], args.results)
-        written += write_table(TABLES[name], records, args.out)
+        table = resolve(name, params)
+        records = build_records(table, args.results)
+        written += write_table(table, records, args.out)
         if name == FIGURE:
             from reproduce.tables.figure import plot
 
@@ -44,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if name == ABLATION:
             from reproduce.tables.figure import plot_ablation
 
-            written += plot_ablation(records, TABLES[name].rows[0].label, args.out / f"{ABLATION}_deltas")
+            written += plot_ablation(records, table.rows[0].label, args.out / f"{ABLATION}_deltas")
     if CLAIMS in names:
         from reproduce.tables.claims import write_ledger
 

@@ -22,7 +22,7 @@ from reproduce.tables.spec import (
     Row,
     Table,
 )
-from reproduce.tables.status import REPRODUCTION, init_of, run_status
+from reproduce.tables.status import PUBLISHED, REPRODUCTION, SUITE_FORMAT, init_of, run_status
 
 Record = dict[str, Any]
 
@@ -30,7 +30,7 @@ Record = dict[str, Any]
 def paper_frame(table: Table, paper_dir: Path = PAPER_DIR) -> pd.DataFrame:
     """The paper's printed cells, indexed by row label (labels read as strings, e.g. Table 7's '9')."""
     frame = pd.read_csv(paper_dir / table.csv, dtype={table.key: str}).set_index(table.key)
-    missing = [row.label for row in table.rows if row.label not in frame.index]
+    missing = [row.label for row in table.rows if not row.extra and row.label not in frame.index]
     if missing:
         raise ValueError(f"{paper_dir / table.csv} lacks rows {missing}; it must match reproduce/tables/spec.py")
     return frame
@@ -122,7 +122,19 @@ def _accuracy(row: Row, column: str, results: Path) -> Record:
         record.update(seeds=list(metrics["seeds"]), std=scale * metrics[f"{key}_std"])
     if kind != "pretrain":
         record["init"] = init_of(metrics)["format"]
+        label = weights_label(metrics)
+        if label:
+            record["weights"] = label
     return record
+
+
+def weights_label(metrics: dict[str, Any]) -> str | None:
+    """Where a fine-tuned cell's weights come from when not from this suite's own pretraining: the run's
+    own ``source`` (``evaluate --weights``: "published weights, evaluated"), or "published weights" for a
+    fine-tune that started from a file in another format (params.yaml ``init: {file: ...}``)."""
+    if metrics.get("source"):
+        return str(metrics["source"])
+    return PUBLISHED if init_of(metrics)["format"] not in (SUITE_FORMAT, "random") else None
 
 
 def build_records(table: Table, results: Path, paper_dir: Path = PAPER_DIR) -> list[Record]:
@@ -133,8 +145,8 @@ def build_records(table: Table, results: Path, paper_dir: Path = PAPER_DIR) -> l
     records = []
     for row in table.rows:
         for column in table.columns:
-            value = paper.at[row.label, column]
-            paper_value = None if pd.isna(value) else float(value)
+            value = None if row.extra else paper.at[row.label, column]  # a user's row has no paper cell
+            paper_value = None if value is None or pd.isna(value) else float(value)
             if column in ACCURACY_COLUMNS:
                 record = _accuracy(row, column, results)
                 if paper_value is not None and record["ours"] is not None and record["status"] == REPRODUCTION:

@@ -40,8 +40,10 @@ GENERATED = ("generated data (reproduce/data/synthetic.py: shapes in the ImageNe
 def legend(table: Table) -> str:
     """How to read the table: cell layout, tolerances, each family's counting rule, statuses."""
     tol = DEFAULT_TOLERANCE
-    families = sorted({model_family(row.model) for row in table.rows})
+    families = sorted({model_family(row.model) for row in table.rows if not row.extra})
     rules = "; ".join(f"{name}: {COUNTING_RULES[name]}" for name in families)
+    rules += "".join(f"; {row.label} (your row, {row.model}): the {row.flop_family} family's rule, no paper cell "
+                     "to compare with" for row in table.rows if row.extra)
     text = (f"Each cell: paper / ours. Efficiency: ours under the paper's counting convention "
             f"(docs/flop-convention.md), difference in parentheses; ✓ within tolerance (params ±{tol['params_abs_m']} M, "
             f"GFLOPs ±{tol['gflops_rel']:.0%} of the paper's cell), ✗ outside")
@@ -85,9 +87,10 @@ def format_cell(record: Record, decimals: int) -> str:
             text += " ✓" if record["within_tolerance"] else " ✗"
         return text
     value = f"{record['ours']:.2f}" + (f" ± {record['std']:.2f}" if is_number(record.get("std")) else "")
+    source = f" [{record['weights']}]" if record.get("weights") else ""  # published weights, not our pretraining
     if record["status"] == REPRODUCTION:
-        return f"{paper} / {value}" + (f" ({_signed(record['diff'], 2)})" if is_number(record.get("diff")) else "")
-    return f"{paper} / {record['status']}† {value}"
+        return f"{paper} / {value}" + (f" ({_signed(record['diff'], 2)})" if is_number(record.get("diff")) else "") + source
+    return f"{paper} / {record['status']}† {value}{source}"
 
 
 def grid(table: Table, records: Sequence[Record]) -> pd.DataFrame:
@@ -199,7 +202,7 @@ def provenance(records: Sequence[Record]) -> pd.DataFrame:
         if r["kind"] == "accuracy" and r["ours"] is not None:
             seen[r["source"], r["run"]] = {
                 "run": f"{r['source']}/{r['run']}", "status": r["status"], "profile": r["profile"],
-                "dataset": r["dataset"], "data": r.get("data_source") or "", "init": r.get("init") or "",
+                "dataset": r["dataset"], "data": r.get("data_source") or "", "init": r.get("weights") or r.get("init") or "",
                 "seeds": ", ".join(map(str, r.get("seeds") or [])), "commit": (r.get("git_commit") or "")[:10],
                 "wall s": f"{r['wall_time_s']:.0f}" if is_number(r.get("wall_time_s")) else "",
             }

@@ -9,8 +9,11 @@ Measurements of table ``T`` live in ``results/measure/T.json`` (one entry per ro
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PAPER_DIR = REPO_ROOT / "tables" / "paper"
@@ -55,6 +58,12 @@ class Row:
     window_run: str | None = None  # cityscapes/ade20k run whose window sizes the measurement uses
     fitted: bool = False  # a fitted baseline (wider tolerance)
     note: str = ""
+    flop_family: str | None = None  # set on a user's row (params.yaml extra_rows): its paper-convention rule
+
+    @property
+    def extra(self) -> bool:
+        """A user's row: ``model`` is a model name (e.g. timm:convnext_tiny), there is no paper cell."""
+        return self.flop_family is not None
 
 
 @dataclass(frozen=True)
@@ -164,6 +173,29 @@ TABLES: dict[str, Table] = {
         ),
     )
 }
+
+# Tables a user's own backbone can join (params.yaml ``extra_rows``): the backbone comparisons.
+EXTRA_TABLES = ("table4_cityscapes", "table6_hrnet_vit", "fig5_ade20k")
+EXTRA_ROW_KEYS = {"label", "model", "flop_family", "runs"}
+DEFAULT_EXTRA_FAMILY = "hrvit"  # the HRViT paper's own counting rule (mmcv-1.3 hooks), as `measure` defaults to
+
+
+def with_extra_rows(table: Table, rows: Sequence[dict[str, Any]]) -> Table:
+    """``table`` plus a user's rows (``{label, model, flop_family?, runs?: {column: run}}``), measured at the
+    table's shared setting and shown with ours only (no paper cell to compare with)."""
+    if not rows:
+        return table
+    setting = table.fair or table.rows[0].measure
+    extra = tuple(Row(r["label"], r["model"], setting, dict(r.get("runs") or {}),
+                      flop_family=r.get("flop_family") or DEFAULT_EXTRA_FAMILY,
+                      note=f"your row (params.yaml extra_rows): {r['model']}, no paper cell") for r in rows)
+    return dataclasses.replace(table, rows=table.rows + extra)
+
+
+def resolve(name: str, params: dict[str, Any] | None = None) -> Table:
+    """Table ``name`` with the user's rows of ``params["extra_rows"][name]``, if any."""
+    return with_extra_rows(TABLES[name], ((params or {}).get("extra_rows") or {}).get(name) or ())
+
 
 FIGURE = "fig5_ade20k"
 ABLATION = "table5_ablation"  # also drawn as a figure of deltas against the full model

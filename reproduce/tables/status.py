@@ -37,6 +37,7 @@ RESULT_KEYS: dict[str, tuple[str, ...]] = {
 }
 REAL_DATASET = {"pretrain": "imagenet", "cityscapes": "cityscapes", "ade20k": "ade20k"}
 SUITE_FORMAT = "hrvit-repro"  # init from a pretrain run of this suite; other formats are published weights
+PUBLISHED = "published weights"  # the tables' label of a cell whose backbone started from published weights
 PROFILE_STATUSES = ("smoke", "proxy")  # profiles that are never a reproduction, labelled by their own name
 REPRODUCTION, PARTIAL = "reproduction", "partial"
 
