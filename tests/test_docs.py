@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC_REF = re.compile(r"docs/([\w./-]+?\.md)(#[\w-]+)?")
 MD_LINK = re.compile(r"\]\(([\w./-]+?\.md)(#[\w-]+)?\)")
 # developer notes outside the repository, in any of the forms they were cited
-EXTERNAL_NOTES = re.compile(r"\bspec/|\bspec §|\(spec\)|\b(?:hrvit|ablations|baselines|tooling)" + r"\.md\b")
+# (a call such as ``resume_identity(spec)`` is code, not a citation: the word before it is a name)
+EXTERNAL_NOTES = re.compile(r"\bspec/|\bspec §|(?<![\w.])\(spec\)|\b(?:hrvit|ablations|baselines|tooling)" + r"\.md\b")
 TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".csv", ".txt", ".cfg", ".ini", ".tex", ""}
 
 
