@@ -19,19 +19,12 @@ from reproduce.train import pretrain, recipes
 from reproduce.train.distributed import DistContext
 from reproduce.train.loop import Schedule, StepSampler, Trainer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 # HRViT-b1 on 4 generated 32 px images, batch 2: 2 steps per epoch.
 TINY = ["--model", "hrvit_b1", "--profile", "smoke", "--synthetic-size", "4", "--batch-size", "2", "--image-size", "32"]
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_num_threads(threads)
 
 
 def _metrics(folder: Path) -> dict:

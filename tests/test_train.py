@@ -24,6 +24,8 @@ from reproduce.train import checkpointing, pretrain
 from reproduce.train.evaluation import slide_logits
 from reproduce.train.seg_metrics import confusion_matrix, scores
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 # Real HRViT-b1, kept to a few optimizer steps: 4 generated 32 px images, batch 2, 2 epochs = 4 steps
 # (checkpoint at step 2); fine-tuning on 4 generated 64x128 scenes, 64 px crops, batch 2, 2 iterations.
@@ -42,18 +44,6 @@ def pretrained(tmp_path_factory) -> Path:
     torch.use_deterministic_algorithms(deterministic)
     torch.set_num_threads(threads)
     return root
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_global_state():
-    """One intra-op thread (what the subprocess below gets from OMP_NUM_THREADS=1: at these tiny sizes
-    it is faster on a shared 2-core machine, and bit-equality between the processes needs the same
-    thread count); the run's global determinism flag is undone afterwards."""
-    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_num_threads(threads)
 
 
 def _metrics(folder: Path) -> dict:

@@ -20,6 +20,8 @@ from models.weights import sha256
 from reproduce.cli import main
 from reproduce.tables.status import init_of
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # 2 iterations of 64 px crops on 4 generated scenes; an lr of 1e-12 leaves the loaded weights in place
 # (to ~1e-11), so the fine-tuned backbone shows which weights the run started from.
 TINY = ["--profile", "smoke", "--dataset", "synthetic", "--synthetic-size", "4", "--batch-size", "2", "--iters", "2", "--lr", "1e-12"]
@@ -30,15 +32,6 @@ BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # update
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_num_threads(threads)
 
 
 def _mmseg(seg: torch.nn.Module, segformer: bool) -> dict:

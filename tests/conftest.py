@@ -1,0 +1,17 @@
+"""Fixtures shared by the test modules."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread, as the training subprocesses get from OMP_NUM_THREADS=1 (faster at these tiny
+    sizes on a shared 2-core machine, and bit-equality between processes needs the same thread count);
+    the global determinism flag a run sets is undone afterwards."""
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.use_deterministic_algorithms(deterministic)
+    torch.set_num_threads(threads)
