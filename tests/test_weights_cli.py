@@ -7,6 +7,7 @@ its tests prove the conversions exact, these prove the commands use them.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -47,21 +48,16 @@ def _hrvit_official_file(path: Path) -> dict:
     return _cls("hrvit_b1").state_dict()
 
 
-def _hrvit_mmseg_file(path: Path) -> dict:
-    seg = _seg("hrvit_b1", CLASSES)
-    torch.save(_mmseg(seg, segformer=False), path)
+def _mmseg_file(name: str, segformer: bool, path: Path) -> dict:
+    """A fine-tuned ``name`` as an mmseg checkpoint; returns its backbone state."""
+    seg = _seg(name, CLASSES)
+    torch.save(_mmseg(seg, segformer), path)
     return _backbone_state(seg)
 
 
 def _mit_nvlabs_file(path: Path) -> dict:
     torch.save(_cls("mit_b0").state_dict(), path)
     return _cls("mit_b0").state_dict()
-
-
-def _segformer_file(path: Path) -> dict:
-    seg = _seg("mit_b0", CLASSES)
-    torch.save(_mmseg(seg, segformer=True), path)
-    return _backbone_state(seg)
 
 
 def _cswin_file(path: Path) -> dict:
@@ -75,9 +71,9 @@ def _metrics(folder: Path) -> dict:
 
 @pytest.mark.parametrize("fmt, model, write", [
     ("hrvit-official", "hrvit_b1", _hrvit_official_file),
-    ("hrvit-official-mmseg", "hrvit_b1", _hrvit_mmseg_file),
+    ("hrvit-official-mmseg", "hrvit_b1", functools.partial(_mmseg_file, "hrvit_b1", False)),
     ("mit-nvlabs", "mit_b0", _mit_nvlabs_file),
-    ("segformer-mmseg", "mit_b0", _segformer_file),
+    ("segformer-mmseg", "mit_b0", functools.partial(_mmseg_file, "mit_b0", True)),
     ("cswin-official", "cswin_ti", _cswin_file),
 ])
 def test_finetune_starts_from_published_weights_and_records_init(tmp_path, data, fmt, model, write):
@@ -128,7 +124,7 @@ def test_a_file_that_does_not_fit_is_one_error_line(tmp_path, data, capsys, case
         _mit_nvlabs_file(path)
         argv, message = ["evaluate", "--weights", str(path), "--model", "mit_b0"], "holds backbone weights only"
     elif case == "no model":
-        _segformer_file(path)
+        _mmseg_file("mit_b0", True, path)
         argv, message = ["evaluate", "--weights", str(path)], "--weights needs --model NAME"
     else:
         torch.save(_mmseg(_seg("mit_b0", 5), segformer=True), path)
