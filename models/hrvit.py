@@ -247,28 +247,57 @@ class DiversityShortcut(nn.Module):
         return self.left(x).transpose(-1, -2).reshape(shape)
 
 
+class ChunkedOutputLinear(nn.Linear):
+    """nn.Linear that returns its output channels as ``chunks`` separate tensors (same weights and
+    state-dict keys): each chunk is contiguous, so it is a channels-last image for its own
+    convolution, where a channel slice of one output would have to be copied."""
+
+    def __init__(self, in_features: int, out_features: int, chunks: int):
+        super().__init__(in_features, out_features)
+        self.chunks = chunks
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(F.linear(x, w, b) for w, b in zip(self.weight.chunk(self.chunks), self.bias.chunk(self.chunks)))
+
+
+class ChunkedInputLinear(nn.Linear):
+    """nn.Linear over an input given as channel chunks (same weights and state-dict keys): the chunk
+    products are accumulated by the matrix multiplications themselves, so no concatenated input is built."""
+
+    def forward(self, *chunks: torch.Tensor) -> torch.Tensor:
+        weights = self.weight.split([c.shape[-1] for c in chunks], dim=1)
+        out = F.linear(chunks[0], weights[0], self.bias).flatten(0, -2)
+        for x, w in zip(chunks[1:], weights[1:]):
+            out = torch.addmm(out, x.flatten(0, -2), w.t())
+        return out.reshape(*chunks[0].shape[:-1], self.out_features)
+
+
 class MixCFN(nn.Module):
-    """Linear -> [DW3x3 | DW5x5] on the two channel halves -> GELU -> Linear (§2.9); F1 drops the MixConv."""
+    """Linear -> [DW3x3 | DW5x5] on the two channel halves -> GELU -> Linear (§2.9); F1 drops the MixConv.
+
+    With the MixConv, fc1 hands each half over as its own tensor and fc2 takes them back separately
+    (``Chunked*Linear``): the same function as one Linear over the concatenation, without the copies.
+    """
 
     def __init__(self, dim: int, hidden: int, mixconv: bool = True):
         super().__init__()
         if mixconv and hidden % 2:
             raise ValueError(f"MixCFN needs an even hidden width, got {hidden}")
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = ChunkedOutputLinear(dim, hidden, 2) if mixconv else nn.Linear(dim, hidden)
         self.conv3 = nn.Conv2d(hidden // 2, hidden // 2, 3, padding=1, groups=hidden // 2) if mixconv else None
         self.conv5 = nn.Conv2d(hidden // 2, hidden // 2, 5, padding=2, groups=hidden // 2) if mixconv else None
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = ChunkedInputLinear(hidden, dim) if mixconv else nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        x = self.fc1(x)
-        if self.conv3 is not None:
-            B, _, C = x.shape
-            x3, x5 = x.reshape(B, H, W, C).permute(0, 3, 1, 2).chunk(2, dim=1)  # channels-last views
-            # channels-last conv outputs, concatenated straight into token order (B, H, W, C)
-            x = torch.cat([self.conv3(x3).permute(0, 2, 3, 1), self.conv5(x5).permute(0, 2, 3, 1)], dim=-1)
-            x = x.reshape(B, -1, C)
-        return self.fc2(self.act(x))
+        if self.conv3 is None:
+            return self.fc2(self.act(self.fc1(x)))
+        B, N, _ = x.shape
+        halves = (
+            self.act(conv(half.reshape(B, H, W, -1).permute(0, 3, 1, 2))).permute(0, 2, 3, 1).reshape(B, N, -1)
+            for conv, half in zip((self.conv3, self.conv5), self.fc1(x))
+        )
+        return self.fc2(*halves)
 
 
 class HRViTBlock(nn.Module):

@@ -129,7 +129,7 @@ def module_flops(module: nn.Module, inputs: tuple, output: Any, rule: CountingRu
         macs = output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
         return macs + (output.numel() if module.bias is not None else 0)
     if isinstance(module, nn.Linear):
-        return inputs[0].numel() * module.out_features
+        return sum(x.numel() for x in inputs) * module.out_features  # inputs may be channel chunks
     norm_counted = (isinstance(module, _BATCH_NORM) and rule.count_batch_norm) or (
         isinstance(module, _LAYER_NORM) and rule.count_layer_norm
     )

@@ -5,6 +5,7 @@ odd input sizes in eval mode; train mode within the old code's own rounding spre
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,11 @@ def test_outputs_match_939eb5d(reference, name, variant, task, kwargs, shape, tr
     for i, (g, w) in enumerate(zip(got, want)):
         diff = (g - w).abs().max().item()
         assert diff <= (ref.TRAIN_TOLERANCE if train else ref.TOLERANCE), f"{name}: output {i} differs from 939eb5d by {diff:.2e} (max abs)"
+
+
+@pytest.mark.parametrize("name", ref.LEDGER_CASES)
+def test_flop_ledger_matches_939eb5d(name):
+    """Speed changes may restructure a computation, never what it counts: parameters, every
+    convention's total and per-module breakdown, and the attention MACs are those of 939eb5d."""
+    want = json.loads(ref.LEDGER_FIXTURE.read_text())[name]
+    assert ref.ledger(name) == want
