@@ -23,6 +23,13 @@ Besides wall-clock latency, each pass's process CPU time is recorded (``cpu_s``,
 ratio" column): on a shared, busy machine, wall time swings with the other load, while the CPU
 time of a single-threaded (``--threads 1``) run stays close to the work done.
 
+On a shared machine one run proves little: ``--rounds N`` repeats the whole set N times, in
+alternating order, and reports per model the median latency over rounds and the median (and range)
+of its ratio to the reference measured in the same round. ``--against CHECKOUT`` also times every
+suite model as implemented in another checkout of this project (e.g. ``git worktree add /tmp/old
+939eb5d``), labelled ``NAME@REV``, in the same rounds, so ``--reference hrvit_b1@939eb5d`` gives the
+speed-up of the current code over that commit side by side.
+
 ``smp_mit_b1`` is SegFormer's own architecture as segmentation_models_pytorch builds it
 (``smp.Segformer('mit_b1', encoder_weights=None)``), the reference architecture of the speed comparison.
 """
@@ -58,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True): compile time, speed-up")
     parser.add_argument("--channels-last", action="store_true", help="model and input in channels-last memory format")
     parser.add_argument("--runs", type=int, default=7, help="timed passes (default 7)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the whole set in alternating order; report medians over rounds (default 1)")
+    parser.add_argument("--against", metavar="CHECKOUT",
+                        help="also time each suite model from another checkout of this project, as NAME@REV")
     parser.add_argument("--warmup", type=int, default=2, help="untimed passes first (default 2)")
     parser.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
     parser.add_argument("--num-classes", type=int, help="classes (default: 19 for seg, 1000 for cls)")
@@ -82,8 +93,11 @@ def check_args(args: argparse.Namespace) -> None:
                 raise ValueError(f"{SMP_MIT_B1} is a segmentation model; use --task seg or drop it from --models")
         else:
             check_model_name(name)
-    if args.runs < 1 or args.warmup < 0:
-        raise ValueError(f"--runs must be >= 1 and --warmup >= 0; got {args.runs} and {args.warmup}")
+    if args.runs < 1 or args.warmup < 0 or args.rounds < 1:
+        raise ValueError(f"--runs and --rounds must be >= 1 and --warmup >= 0; got {args.runs}, {args.rounds} and {args.warmup}")
+    if args.against and not (Path(args.against) / "models" / "factory.py").is_file():
+        raise ValueError(f"--against {args.against}: not a checkout of this project (no models/factory.py); "
+                         f"make one with `git worktree add DIR COMMIT`")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if min(args.size) < 1 or (args.num_classes is not None and args.num_classes < 1):
@@ -255,14 +269,57 @@ def bench_one(config: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _bench_in_subprocess(config: dict[str, Any]) -> dict[str, Any]:
-    code = "import json, sys; from reproduce.bench import bench_one; print(json.dumps(bench_one(json.loads(sys.argv[1]))))"
-    # run from the checkout holding this file, so the worker imports the same code as its parent
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(config)], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
+_WORKER = (
+    "import importlib.util, json, sys\n"
+    "spec = importlib.util.spec_from_file_location('suite_bench', sys.argv[1])\n"
+    "bench = importlib.util.module_from_spec(spec)\n"
+    "spec.loader.exec_module(bench)\n"
+    "print(json.dumps(bench.bench_one(json.loads(sys.argv[2]))))\n"
+)
+
+
+def _bench_in_subprocess(config: dict[str, Any], checkout: Path) -> dict[str, Any]:
+    """``bench_one`` of this file in a fresh process whose models (and FLOP ledger) come from ``checkout``."""
+    proc = subprocess.run([sys.executable, "-c", _WORKER, __file__, json.dumps(config)], capture_output=True, text=True,
+                          cwd=checkout)  # the worker's sys.path starts at its working directory
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmarking {config['model']} failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"benchmarking {config['model']} ({checkout}) failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _revision(checkout: Path) -> str:
+    proc = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else checkout.name
+
+
+def _jobs(args: argparse.Namespace) -> list[tuple[str, str, Path]]:
+    """(label, model, checkout) of every row: the models from this checkout, then those of ``--against``."""
+    here = Path(__file__).resolve().parents[1]
+    jobs = [(name, name, here) for name in args.models]
+    if args.against:
+        other = Path(args.against).resolve()
+        rev = _revision(other)
+        jobs += [(f"{name}@{rev}", name, other) for name in args.models if name != SMP_MIT_B1]
+    return jobs
+
+
+MEDIAN_KEYS = ("latency_s", "cpu_s", "forward_peak_mib", "eager_latency_s", "compile_s", "compile_speedup")
+
+
+def _merge_rounds(rounds: list[dict[str, Any]], batch_size: int, mac_factor: int) -> dict[str, Any]:
+    """One row from the same model's rows of every round: medians, all timed passes, derived rates."""
+    row = dict(rounds[0])
+    for key in MEDIAN_KEYS:
+        if key in row:
+            row[key] = statistics.median(r[key] for r in rounds)
+    row["latencies_s"] = [t for r in rounds for t in r["latencies_s"]]
+    row["images_per_s"] = batch_size / row["latency_s"]
+    row["gmac_per_s"] = row["gmacs"] * batch_size * mac_factor / row["latency_s"]
+    return row
+
+
+def _ratios(rounds: list[list[dict[str, Any]]], index: int, ref: int | None, key: str) -> list[float] | None:
+    return None if ref is None else [r[index][key] / r[ref][key] for r in rounds]
 
 
 def _run_data(args: argparse.Namespace) -> int:
@@ -279,7 +336,7 @@ def _run_data(args: argparse.Namespace) -> int:
 
 
 OPTION_KEYS = ("mode", "task", "batch_size", "device", "amp", "compile", "channels_last", "runs", "warmup", "size",
-               "num_classes", "threads")
+               "num_classes", "threads")  # what each worker is told (--rounds and --against shape the set of runs)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -296,15 +353,28 @@ def run(args: argparse.Namespace) -> int:
         args.num_classes = 19 if args.task == "seg" else 1000
     options = {k: getattr(args, k) for k in OPTION_KEYS}
     peak = matmul_peak_gmacs(args.device, args.amp, args.threads)
-    rows = [_bench_in_subprocess({"model": name, **options}) for name in args.models]
-    reference = next((r for r in rows if r["model"] == args.reference), None)
-    for row in rows:
+    jobs = _jobs(args)
+    rounds = []  # rounds[r][j]: job j's row in round r; odd rounds run the jobs in reverse order
+    for r in range(args.rounds):
+        order = range(len(jobs)) if r % 2 == 0 else reversed(range(len(jobs)))
+        done = {j: _bench_in_subprocess({"model": jobs[j][1], **options}, jobs[j][2]) for j in order}
+        rounds.append([done[j] for j in range(len(jobs))])
+    labels = [label for label, _, _ in jobs]
+    ref = labels.index(args.reference) if args.reference in labels else None
+    mac_factor = TRAIN_MAC_FACTOR if args.mode == "train" else 1
+    rows = []
+    for j, label in enumerate(labels):
+        row = _merge_rounds([rnd[j] for rnd in rounds], args.batch_size, mac_factor)
+        row["model"], row["checkout"] = label, str(jobs[j][2])
         row["percent_of_peak"] = 100 * row["gmac_per_s"] / peak
-        row["latency_vs_reference"] = row["latency_s"] / reference["latency_s"] if reference else None
-        row["cpu_vs_reference"] = row["cpu_s"] / reference["cpu_s"] if reference else None
-        row["memory_vs_reference"] = row["forward_peak_mib"] / reference["forward_peak_mib"] if reference else None
-    result = {"options": options, "reference": args.reference if reference else None, "results": rows,
-              "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(),
+        for name, key in (("latency", "latency_s"), ("cpu", "cpu_s"), ("memory", "forward_peak_mib")):
+            ratios = _ratios(rounds, j, ref, key)
+            row[f"{name}_vs_reference"] = None if ratios is None else statistics.median(ratios)
+            if name == "latency":
+                row["latency_vs_reference_rounds"] = ratios
+        rows.append(row)
+    result = {"options": options, "reference": args.reference if ref is not None else None, "results": rows,
+              "rounds": args.rounds, "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(),
               "matmul_peak_gmac_per_s": peak, "gmacs_count": GMACS_COUNT,
               "step_macs": f"{TRAIN_MAC_FACTOR}x forward per image" if args.mode == "train" else "forward per image"}
     if args.json:
@@ -326,7 +396,9 @@ def _print_table(result: dict[str, Any]) -> None:
     print(f"{opts['task']} {what}, batch {opts['batch_size']}, {opts['size'][0]}x{opts['size'][1]}, "
           f"{opts['num_classes']} classes, {opts['device']} {opts['amp'] or 'fp32'}"
           f"{', channels-last' if opts['channels_last'] else ''}{', compiled' if opts['compile'] else ''}, "
-          f"median of {opts['runs']} after {opts['warmup']} warm-up, torch {result['torch']}, {result['threads']} threads; "
+          f"median of {opts['runs']} after {opts['warmup']} warm-up"
+          f"{f' per round, medians over {rounds} alternating rounds' if (rounds := result['rounds']) > 1 else ''}, "
+          f"torch {result['torch']}, {result['threads']} threads; "
           f"ratios vs {result['reference'] or '(no reference run)'}")
     print(f"GMAC/img = {result['gmacs_count']}; GMAC/s counts {result['step_macs']}; "
           f"% peak = of the {result['matmul_peak_gmac_per_s']:.1f} GMAC/s square matmul measured in this run")
@@ -336,6 +408,11 @@ def _print_table(result: dict[str, Any]) -> None:
              _ratio(r["latency_vs_reference"]), _ratio(r["cpu_vs_reference"]), f"{r['images_per_s']:.2f}", f"{r['gmac_per_s']:.1f}",
              f"{r['percent_of_peak']:.0f}", f"{r['forward_peak_mib']:.0f}", _ratio(r["memory_vs_reference"])]
             for r in result["results"]]
+    if result["rounds"] > 1:
+        headers.insert(5, "ratio range")
+        for line, r in zip(rows, result["results"]):
+            spread = r["latency_vs_reference_rounds"]
+            line.insert(5, "-" if spread is None else f"{min(spread):.2f}-{max(spread):.2f}")
     if opts["compile"]:
         headers += ["compile s", "vs eager"]
         for line, r in zip(rows, result["results"]):

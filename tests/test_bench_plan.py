@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import statistics
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -33,10 +36,30 @@ def test_bench_table_names_its_gmac_count(capsys):
     assert "channels-last" in out and "GMAC/img = torch FlopCounterMode FLOPs / 2" in out and "% peak" in out
 
 
+def test_bench_rounds_against_another_checkout(capsys):
+    """Two alternating rounds of this checkout against itself as the 'other' checkout: one row per
+    (model, checkout), medians over rounds, and each round's ratio to the chosen reference."""
+    repo = Path(__file__).resolve().parents[1]
+    argv = ["bench", "--models", "hrvit_b1", "--against", str(repo), "--rounds", "2", "--runs", "1", "--warmup", "0",
+            "--size", "32", "32", "--threads", "1", "--json"]
+    assert main([*argv, "--reference", "not-a-row"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["latency_vs_reference"] is None
+    rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert main([*argv, "--reference", f"hrvit_b1@{rev}"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    here, there = result["results"]
+    assert (here["model"], there["model"], result["rounds"]) == ("hrvit_b1", f"hrvit_b1@{rev}", 2)
+    assert len(here["latencies_s"]) == 2 and here["latency_s"] == pytest.approx(statistics.median(here["latencies_s"]))
+    assert there["latency_vs_reference_rounds"] == [1.0, 1.0] and len(here["latency_vs_reference_rounds"]) == 2
+    assert here["latency_vs_reference"] == pytest.approx(statistics.median(here["latency_vs_reference_rounds"]))
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--task", "cls", "--models", "smp_mit_b1"], "smp_mit_b1 is a segmentation model"),
+        (["--rounds", "0"], "--runs and --rounds must be >= 1"),
+        (["--against", "/nonexistent"], "not a checkout of this project"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--amp", "bf16"], "--amp is CUDA autocast"),
         (["--data", "imagenet", "--workers", "-1"], "--workers must be >= 0"),
