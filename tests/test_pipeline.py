@@ -24,7 +24,8 @@ DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 STAGES = DVC_YAML["stages"]
 # What a copy of the pipeline needs: code, paper values, DVC files (no results, no .git).
-PIPELINE_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "models", "baselines", "reproduce", "tables/paper"]
+PIPELINE_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "models", "baselines", "reproduce", "hrvit_repro",
+                  "tables/paper"]
 
 
 def _deps(stage: dict) -> list[str]:

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 COPY = ["README.md", "Makefile", "pyproject.toml", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore",
-        "models", "baselines", "reproduce", "tables/paper", "notebooks"]
+        "models", "baselines", "reproduce", "hrvit_repro", "tables/paper", "notebooks"]
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 
 # The one list of README commands that are not run here: pattern (searched in the command) -> why.
@@ -23,6 +23,7 @@ NOT_RUN = {
     r"^make (table5|repro)\b": "builds .venv and runs `dvc repro`: tests/test_pipeline.py runs a real smoke `dvc repro table5_ablation`",
     r"^make test\b": "the test suite itself",
     r"^make bench\b|^python -m reproduce bench\b": "minutes on a CPU at 512x512: tests/test_measure_cli.py runs bench on a tiny input",
+    r"^git worktree add\b": "needs the project's history, which the test's copy has not: tests/test_bench_plan.py runs bench --against a checkout",
     r"\[--": "a usage synopsis, not a command",
     r"profile=paper|--profile paper": "needs the real datasets (and GPUs)",
     r"^torchrun\b": "needs the real datasets and GPUs",
