@@ -370,8 +370,7 @@ def run(args: argparse.Namespace) -> int:
         for name, key in (("latency", "latency_s"), ("cpu", "cpu_s"), ("memory", "forward_peak_mib")):
             ratios = _ratios(rounds, j, ref, key)
             row[f"{name}_vs_reference"] = None if ratios is None else statistics.median(ratios)
-            if name == "latency":
-                row["latency_vs_reference_rounds"] = ratios
+        row["latency_vs_reference_rounds"] = _ratios(rounds, j, ref, "latency_s")
         rows.append(row)
     result = {"options": options, "reference": args.reference if ref is not None else None, "results": rows,
               "rounds": args.rounds, "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(),
