@@ -13,9 +13,23 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class ChunkedInputConv2d(nn.Conv2d):
+    """1x1 nn.Conv2d over an input given as channel chunks (same weights and state-dict keys): each
+    chunk's product is added into one output, so the concatenated input (at the stride-4 size, the
+    largest tensor of a segmentation forward) is never built."""
+
+    def forward(self, *chunks: torch.Tensor) -> torch.Tensor:
+        weights = self.weight.split([c.shape[1] for c in chunks], dim=1)
+        out = F.conv2d(chunks[0], weights[0], self.bias)
+        for x, w in zip(chunks[1:], weights[1:]):
+            out += F.conv2d(x, w)
+        return out
+
+
 class SegFormerHead(nn.Module):
     """Per-branch 1x1 projection to ``embed_dim`` (no norm, no activation), bilinear resize to the
-    stride-4 map, concatenation in branch order, 1x1 fuse + BN + ReLU, Dropout2d, 1x1 classifier.
+    stride-4 map, concatenation in branch order, 1x1 fuse + BN + ReLU, Dropout2d, 1x1 classifier
+    (the fuse conv takes the branches as chunks of its input instead of a built concatenation).
 
     Logits stay at the resolution of the first (stride-4) feature map, as in mmseg; callers resize
     them to the label or image size (bilinear, ``align_corners=False``).
@@ -29,7 +43,7 @@ class SegFormerHead(nn.Module):
         self.embed_dim = embed_dim
         self.num_classes = num_classes
         self.linear_c = nn.ModuleList(nn.Conv2d(c, embed_dim, kernel_size=1) for c in self.in_channels)
-        self.linear_fuse = nn.Conv2d(embed_dim * len(self.in_channels), embed_dim, kernel_size=1, bias=False)
+        self.linear_fuse = ChunkedInputConv2d(embed_dim * len(self.in_channels), embed_dim, kernel_size=1, bias=False)
         self.fuse_bn = nn.BatchNorm2d(embed_dim)
         self.fuse_act = nn.ReLU(inplace=True)
         self.dropout = nn.Dropout2d(dropout)
@@ -43,7 +57,7 @@ class SegFormerHead(nn.Module):
             F.interpolate(proj(feat), size=size, mode="bilinear", align_corners=False)
             for proj, feat in zip(self.linear_c, features)
         ]
-        x = self.fuse_act(self.fuse_bn(self.linear_fuse(torch.cat(projected, dim=1))))
+        x = self.fuse_act(self.fuse_bn(self.linear_fuse(*projected)))
         return self.classifier(self.dropout(x))
 
 
