@@ -251,16 +251,13 @@ def bench_one(config: dict[str, Any]) -> dict[str, Any]:
     # counted after timing so the counter's own allocations stay out of the memory peak
     plain = getattr(model, "_orig_mod", model)
     gmacs = measure(plain.cpu(), tuple(config["size"]), family, conventions=("torch",)).gflops["torch"] / 2
-    step_gmacs = gmacs * config["batch_size"] * (TRAIN_MAC_FACTOR if config["mode"] == "train" else 1)
-    row = {
+    row = {  # raw measurements; rates and ratios are derived once, over rounds, in run()
         "model": config["model"],
         "params": sum(p.numel() for p in plain.parameters()),
         "gmacs": gmacs,
         "latency_s": latency,
         "latencies_s": times,
         "cpu_s": statistics.median(cpu_times),
-        "images_per_s": config["batch_size"] / latency,
-        "gmac_per_s": step_gmacs / latency,
         "forward_peak_mib": peak / 2**20,
     }
     if compiled:
@@ -307,7 +304,8 @@ MEDIAN_KEYS = ("latency_s", "cpu_s", "forward_peak_mib", "eager_latency_s", "com
 
 
 def _merge_rounds(rounds: list[dict[str, Any]], batch_size: int, mac_factor: int) -> dict[str, Any]:
-    """One row from the same model's rows of every round: medians, all timed passes, derived rates."""
+    """One row from the same model's rows of every round: medians, all timed passes, and the rates
+    (images/s, GMAC/s) of the median latency."""
     row = dict(rounds[0])
     for key in MEDIAN_KEYS:
         if key in row:
