@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="params.yaml whose extra_rows add your own rows (default params.yaml; ignored if absent)")
 
 
-def extra_rows(path: Path) -> dict:
-    """The validated params of ``path`` (for its ``extra_rows``), or {} when there is no such file."""
+def load_optional_params(path: Path) -> dict:
+    """The validated params of ``path`` (the tables read its ``extra_rows``), or {} when there is no such file."""
     if not path.is_file():
         return {}
     from reproduce.pipeline import load_params
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from reproduce.tables.spec import resolve
 
     try:
-        params = extra_rows(args.params)
+        params = load_optional_params(args.params)
     except ParamsError as err:
         print(f"python -m reproduce tables: error: {err}")
         return 2
