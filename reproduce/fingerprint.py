@@ -35,6 +35,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
+from reproduce.pipeline import RUN_KINDS, init_file, runs_of
+
 # The code a training run executes besides the model (which the model fingerprints cover).
 CODE_PATHS = ("reproduce/train", "reproduce/data", "reproduce/cli.py", "reproduce/pipeline.py")
 MODEL_CODE_PATHS = ("models", "baselines", "reproduce/fingerprint.py")  # memo key of the model fingerprints
@@ -50,7 +52,6 @@ NUM_CLASSES = 7
 DROP_PATH = 0.1  # non-zero so that the train-mode forward exercises stochastic depth
 PERTURBATION = 0.02  # std of the seeded noise added to every parameter (see model_fingerprint)
 MEMO_KEYS = 4  # model-code versions remembered (an edit and its revert cost nothing)
-RUN_KINDS = ("pretrain", "cityscapes", "ade20k")
 
 
 # ----------------------------------------------------------------------------------------- code
@@ -117,9 +118,8 @@ def run_configs(params: dict[str, Any]) -> dict[tuple[str, str], ModelConfig]:
     for run, entry in (params.get("pretrain") or {}).items():
         configs["pretrain", run] = ModelConfig(entry["model"], "cls", tuple(sorted(entry.get("ablate") or ())))
     for kind in RUN_KINDS[1:]:
-        from_file = (params.get("from_file") or {}).get(kind) or {}
-        for run, entry in {**(params.get(kind) or {}), **from_file}.items():
-            init = entry if run in from_file else params["pretrain"][entry["init"]]  # from_file entries name their model
+        for run, entry in runs_of(params, kind).items():
+            init = entry if init_file(entry) else params["pretrain"][entry["init"]]  # from_file entries name their model
             windows = entry.get("window-sizes")
             configs[kind, run] = ModelConfig(init["model"], "seg", tuple(sorted(init.get("ablate") or ())),
                                              tuple(windows) if windows else None)
