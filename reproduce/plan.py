@@ -27,8 +27,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from reproduce.bench import TRAIN_MAC_FACTOR  # forward + backward (2x forward), as bench counts a step
+from reproduce.pipeline import RUN_KINDS
+
 IMAGENET_TRAIN_IMAGES = 1_281_167
-TRAIN_FLOP_FACTOR = 3  # forward + backward (2x forward)
 CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights + AdamW exp_avg + exp_avg_sq
 GPU_PEAK_TFLOPS = {  # dense fp16/bf16 tensor-core peak per GPU (vendor data sheets)
     "V100": 125.0,
@@ -40,7 +42,6 @@ GPU_PEAK_TFLOPS = {  # dense fp16/bf16 tensor-core peak per GPU (vendor data she
 # depthwise convs, small matmuls and data loading land far below the peak: e.g. a DeiT-S-sized
 # model (4.6 GMAC) trained 300 epochs in about 3 days on 8 V100s sustains about 4 % of their peak.
 DEFAULT_EFFICIENCY = 0.05
-SEG_CLASSES = {"cityscapes": 19, "ade20k": 150}
 
 
 @dataclass(frozen=True)
@@ -117,16 +118,17 @@ def stages_for(params: dict[str, Any], tables: list[str]) -> dict[str, list[tupl
     for table in tables:
         needed = runs_needed(TABLES[table])
         pretrain = set(needed["pretrain"])
-        for kind in SEG_CLASSES:
+        for kind in RUN_KINDS[1:]:
             pretrain |= {lookup(params, kind, run)["init"] for run in needed[kind]}
         stages = [("pretrain", run, f"pretrain@{run}") for run in sorted(pretrain)]
-        stages += [(kind, run, f"finetune_{kind}@{run}") for kind in SEG_CLASSES for run in sorted(needed[kind])]
+        stages += [(kind, run, f"finetune_{kind}@{run}") for kind in RUN_KINDS[1:] for run in sorted(needed[kind])]
         plan[table] = stages
     return plan
 
 
 def cost(params: dict[str, Any], kind: str, run: str, stage: str, gmac_per_s: float) -> Stage:
     """The cost of one stage at ``gmac_per_s`` achieved GMAC/s (2 FLOPs each) per GPU."""
+    from reproduce.data.datasets import SEG_DATASETS
     from reproduce.pipeline import lookup
 
     recipes = params["recipes"]["paper"]
@@ -136,10 +138,10 @@ def cost(params: dict[str, Any], kind: str, run: str, stage: str, gmac_per_s: fl
     else:
         finetune, recipe = lookup(params, kind, run), recipes[kind]
         entry = lookup(params, "pretrain", finetune["init"])
-        images, size, task, classes = recipe["iters"] * recipe["batch-size"], recipe["crop-size"], "seg", SEG_CLASSES[kind]
+        images, size, task, classes = recipe["iters"] * recipe["batch-size"], recipe["crop-size"], "seg", SEG_DATASETS[kind].num_classes
         windows = tuple(finetune["window-sizes"]) if finetune.get("window-sizes") else None
     forward, n_params = _forward_gflops_and_params(entry["model"], task, classes, size, tuple(entry.get("ablate") or ()), windows)
-    gflops = TRAIN_FLOP_FACTOR * forward
+    gflops = TRAIN_MAC_FACTOR * forward
     gpu_hours = images * gflops / (2 * gmac_per_s) / 3600
     return Stage(stage, entry["model"], images, size, gflops, n_params, gpu_hours, n_params * CHECKPOINT_BYTES_PER_PARAM / 1e9)
 
