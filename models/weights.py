@@ -277,12 +277,15 @@ def _unwrapped(backbone: nn.Module) -> nn.Module:
     return getattr(backbone, "model", backbone)
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path, name: str) -> dict[str, Any]:
+def load_backbone_weights(model: nn.Module, path: str | Path, name: str,
+                          checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load any accepted checkpoint of ``name``'s family into ``model.backbone`` (a segmentation
-    model; a segmentation checkpoint's head is ignored). Returns the init record: format, file,
-    sha256, the number of tensors loaded and the model tensors left at their initial values (kept_init)."""
+    model; a segmentation checkpoint's head is ignored). ``checkpoint`` is the file as
+    ``read_checkpoint`` returned it, when the caller has read it already (a checkpoint can be GBs).
+    Returns the init record: format, file, sha256, the number of tensors loaded and the model
+    tensors left at their initial values (kept_init)."""
     path = Path(path)
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
     backbone = _unwrapped(model.backbone)
     current = backbone.state_dict()
     state = _filter_fn(name)(checkpoint, backbone)
@@ -353,7 +356,7 @@ def load_segmentation_weights(model: nn.Module, path: str | Path, name: str) -> 
         raise WeightsError(f"{path} predicts {classes.shape[0]} classes but the model has {model.num_classes}; "
                            f"build it with --num-classes {classes.shape[0]}")
     match_model(head, model.decode_head, (), fmt)  # raises on any unmapped or missing head key
-    record = load_backbone_weights(model, path, name)
+    record = load_backbone_weights(model, path, name, checkpoint=checkpoint)
     model.decode_head.load_state_dict(head)
     record.update(into="segmentation model", loaded=record["loaded"] + len(head))
     return record

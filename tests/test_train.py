@@ -147,7 +147,7 @@ def test_batch_not_divisible_by_world_size_is_rejected(tmp_path, monkeypatch, ca
 # ------------------------------------------------------------------ the real chain on HRViT-b1
 
 
-def test_pretrain_finetune_evaluate_chain(pretrained, tmp_path):
+def test_pretrain_finetune_evaluate_chain(pretrained, tmp_path, capsys):
     pre = _metrics(pretrained / "run")
     for key in ("top1", "top5", "loss", "images_per_s", "wall_time_s", "git_commit"):
         assert key in pre
@@ -186,8 +186,17 @@ def test_pretrain_finetune_evaluate_chain(pretrained, tmp_path):
     assert ft_st["pretrained"]["loaded"] == ft["pretrained"]["loaded"] and ft_st["init"]["format"] == "hrvit-repro"
     assert ft_st["pretrained"]["pretrain_profile"] == "smoke" and init_of(ft_st) == ft_st["init"]  # what the tables read
 
-    # a checkpoint of another variant is refused
-    assert main(["finetune", *TINY_FINETUNE, "--ablate", "des", "--pretrained", str(checkpoint), "--data-root", str(data), "--output", str(tmp_path / "ft2")]) == 2
+    # a checkpoint of another variant, another model or a fine-tuning run is refused, before any data is read
+    capsys.readouterr()
+    refused = {
+        "was trained with --ablate []": ["--ablate", "des", "--pretrained", str(checkpoint)],
+        "holds hrvit_b1, not hrvit_b2": ["--model", "hrvit_b2", "--pretrained", str(checkpoint)],
+        "expected a pretrain (classification) run": ["--pretrained", str(tmp_path / "ft" / "checkpoint.pt")],
+    }
+    for message, flags in refused.items():
+        assert main(["finetune", *TINY_FINETUNE, *flags, "--data-root", str(tmp_path / "absent"), "--output", str(tmp_path / "ft2")]) == 2
+        _assert_one_line_error(capsys.readouterr().err, message)
+    assert not (tmp_path / "ft2").exists()
 
 
 def test_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_run(pretrained, tmp_path, capsys):

@@ -23,7 +23,6 @@ from reproduce.data import layouts
 from reproduce.data.datasets import SEG_DATASETS, SegDatasetInfo, SegmentationDataset, seg_layout, synthetic_seg_scale
 from reproduce.data.seg_transforms import IGNORE_INDEX, SegTestTransform, SegTrainTransform
 from reproduce.train import distributed, engine, recipes
-from reproduce.train.checkpointing import load_run_state
 from reproduce.train.evaluation import EvalOptions, SegTest, evaluate_segmentation
 from reproduce.train.loop import Trainer, make_schedule, unwrap
 from reproduce.train.runlog import Logger
@@ -91,7 +90,7 @@ def validate(args: argparse.Namespace) -> tuple[recipes.FinetuneRecipe, dict[str
     settings = engine.model_settings(args, recipe.drop_path)
     engine.model_kwargs(args.model, settings)
     if args.pretrained is not None:
-        pretrain_run(args.pretrained, args.model, settings)
+        pretrain_run(read_pretrained(args.pretrained, args.model), args.pretrained, args.model, settings)
     return recipe, settings, micro
 
 
@@ -124,11 +123,9 @@ def weights_error(flag: str, err: WeightsError) -> engine.SettingsError:
     return engine.SettingsError(f"{flag} {' '.join(str(err).split())}")
 
 
-def pretrain_run(path: Path, name: str, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """What a ``--pretrained`` file says about the run that wrote it: None for published weights (any
-    format ``models.weights`` reads); for this suite's own files, the pretrain run, which must be a
-    classification run of this model with this run's ablations. Reads the file only: ``validate``
-    calls it so that a wrong file fails before any data is touched."""
+def read_pretrained(path: Path, name: str) -> dict[str, Any]:
+    """The ``--pretrained`` file as ``models.weights.read_checkpoint`` returns it, read once per
+    command step; a model built outside the suite or an unreadable file fails here."""
     if is_external(name):
         raise engine.SettingsError(f"--pretrained loads suite models only; {name} is built outside the suite, drop --pretrained")
     try:
@@ -136,20 +133,25 @@ def pretrain_run(path: Path, name: str, settings: dict[str, Any]) -> dict[str, A
         detect_format(checkpoint)
     except WeightsError as err:
         raise weights_error("--pretrained", err) from err
+    return checkpoint
+
+
+def pretrain_run(checkpoint: dict[str, Any], path: Path, name: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """What a ``--pretrained`` file says about the run that wrote it: None for published weights (any
+    format ``models.weights`` reads); for this suite's own files, the pretrain run, which must be a
+    classification run of this model with this run's ablations. ``validate`` calls it so that a wrong
+    file fails before any data is touched."""
     if checkpoint.get("format") not in SUITE_FORMATS:
         return None
-    try:
-        state = load_run_state(path)
-    except ValueError as err:
-        raise engine.SettingsError(f"--pretrained {err}") from err
-    if state.get("task") != "cls":
-        raise engine.SettingsError(f"--pretrained {path} is a {state.get('task')!r} checkpoint; expected a pretrain (classification) run")
-    if state["model"] != name:
-        raise engine.SettingsError(f"--pretrained {path} holds {state['model']}, not {name}")
-    if sorted(state["model_settings"].get("ablate", [])) != sorted(settings.get("ablate", [])):
-        raise engine.SettingsError(f"--pretrained {path} was trained with --ablate {state['model_settings'].get('ablate')}, this run uses {settings.get('ablate')}")
-    return {"keys": list(state["model_state"]), "pretrain_profile": state.get("profile"),
-            "pretrain_window_sizes": state["model_settings"].get("window_sizes")}
+    if checkpoint.get("task") != "cls":
+        raise engine.SettingsError(f"--pretrained {path} is a {checkpoint.get('task')!r} checkpoint; expected a pretrain (classification) run")
+    if checkpoint.get("model") != name:
+        raise engine.SettingsError(f"--pretrained {path} holds {checkpoint.get('model')}, not {name}")
+    model_settings = checkpoint.get("model_settings") or {}
+    if sorted(model_settings.get("ablate", [])) != sorted(settings.get("ablate", [])):
+        raise engine.SettingsError(f"--pretrained {path} was trained with --ablate {model_settings.get('ablate')}, this run uses {settings.get('ablate')}")
+    return {"keys": list(checkpoint["model_state"]), "pretrain_profile": checkpoint.get("profile"),
+            "pretrain_window_sizes": model_settings.get("window_sizes")}
 
 
 def load_pretrained_backbone(model: nn.Module, path: Path, name: str, settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -157,9 +159,10 @@ def load_pretrained_backbone(model: nn.Module, path: Path, name: str, settings: 
     partial loads) and return the run's ``init`` record ``{format, file, sha256}`` and, for a suite
     pretrain run, the ``pretrained`` record (path, tensors loaded, model tensors left at init
     (``missing``), the classifier tensors dropped, the pretrain profile and window sizes)."""
-    run = pretrain_run(path, name, settings)
+    checkpoint = read_pretrained(path, name)
+    run = pretrain_run(checkpoint, path, name, settings)
     try:
-        record = load_backbone_weights(model, path, name)
+        record = load_backbone_weights(model, path, name, checkpoint=checkpoint)
     except WeightsError as err:
         raise weights_error("--pretrained", err) from err
     init = {key: record[key] for key in ("format", "file", "sha256")}
