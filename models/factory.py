@@ -86,9 +86,9 @@ def check_model_name(name: str) -> None:
         if source != "timm":
             _external_factory(name)
         return
-    names = available_models()
-    if name not in names:
-        raise ValueError(f"unknown model {name!r}; available models: {', '.join(names)}, or timm:<name>, "
+    _register_suite()
+    if _suite_value(name, "seg_embed_dim") is None:  # one lookup; the full list only for the message
+        raise ValueError(f"unknown model {name!r}; available models: {', '.join(available_models())}, or timm:<name>, "
                          "or PKG.MODULE:FACTORY")
 
 
