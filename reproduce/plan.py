@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from reproduce.bench import TRAIN_MAC_FACTOR  # forward + backward (2x forward), as bench counts a step
-from reproduce.pipeline import RUN_KINDS
+from reproduce.pipeline import RUN_KINDS, ParamsError, load_params, lookup
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights + AdamW exp_avg + exp_avg_sq
@@ -111,7 +111,6 @@ def _forward_gflops_and_params(model: str, task: str, num_classes: int, size: in
 
 def stages_for(params: dict[str, Any], tables: list[str]) -> dict[str, list[tuple[str, str, str]]]:
     """Table -> its training stages as (kind, run, stage name), pretraining first (finetunes need its checkpoint)."""
-    from reproduce.pipeline import lookup
     from reproduce.tables.spec import TABLES, runs_needed
 
     plan = {}
@@ -129,7 +128,6 @@ def stages_for(params: dict[str, Any], tables: list[str]) -> dict[str, list[tupl
 def cost(params: dict[str, Any], kind: str, run: str, stage: str, gmac_per_s: float) -> Stage:
     """The cost of one stage at ``gmac_per_s`` achieved GMAC/s (2 FLOPs each) per GPU."""
     from reproduce.data.datasets import SEG_DATASETS
-    from reproduce.pipeline import lookup
 
     recipes = params["recipes"]["paper"]
     if kind == "pretrain":
@@ -147,8 +145,6 @@ def cost(params: dict[str, Any], kind: str, run: str, stage: str, gmac_per_s: fl
 
 
 def run(args: argparse.Namespace) -> int:
-    from reproduce.pipeline import ParamsError, load_params
-
     try:
         rates = _check(args)
         params = load_params(args.params)
@@ -184,8 +180,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def lookup_model(params: dict[str, Any], kind: str, run: str) -> str:
-    from reproduce.pipeline import lookup
-
     entry = lookup(params, kind, run)
     return entry["model"] if kind == "pretrain" else lookup(params, "pretrain", entry["init"])["model"]
 
