@@ -33,15 +33,18 @@ import importlib
 import json
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
+from safetensors import safe_open
 from timm.models import build_model_with_cfg, clean_state_dict, model_entrypoint, resolve_pretrained_cfg
 from torch import nn
 
 __all__ = [
-    "FORMATS", "WeightsError", "read_checkpoint", "detect_format", "convert_checkpoint", "rename_keys",
+    "FORMATS", "SAFE_GLOBALS", "WeightsError", "load_torch_file", "read_safetensors", "read_checkpoint", "detect_format",
+    "convert_checkpoint", "rename_keys",
     "build_with_weights", "load_backbone_weights", "load_segmentation_weights", "sha256",
 ]
 
@@ -67,6 +70,92 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+# What ``weights_only`` loading admits beyond tensors and plain containers: timm's CheckpointSaver
+# (HRViT, CSWin) pickles the run's argparse.Namespace beside the weights. This suite's own
+# checkpoint.pt needs nothing more.
+SAFE_GLOBALS = (argparse.Namespace,)
+
+# torch's advice around a load error (to re-run with weights_only=False, to allow-list a global, to
+# read its docs): written for the code's developer, and the first is the unsafe path. Only the cause stays.
+_TORCH_HINTS = re.compile("|".join((
+    r"\x1b\[\d*m",
+    r"Weights only load failed\.",
+    r"This file can still be loaded, to do so you have two options.*?following error message\.",
+    r"In PyTorch 2\.6, we changed the default value.*?trusted source\.",
+    r"Please file an issue with the following.*?use case:",
+    r"WeightsUnpickler error:",
+    r"Please use `torch\.serialization\.add_safe_globals.*?(?:this class/function\.|$)",
+    r"Check the documentation of torch\.load.*?(?:torch\.load\.html\.|$)",
+    r"This is an internal miniz error\..*?(?:after saving\.|$)",
+)))
+
+
+def _load_error_cause(err: Exception) -> str:
+    """The cause of a failed read in a few words, without the reader's hints."""
+    if isinstance(err, EOFError):
+        return "the file ends early: truncated?"
+    text = " ".join(_TORCH_HINTS.sub(" ", str(err)).split()).strip(" .")
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _file_kind(path: Path) -> tuple[str, str]:
+    """(kind, description) of a file from its first bytes, for an error message."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip", "a zip archive (torch.save's format)"
+    if head[8:10] == b'{"':
+        return "safetensors", "a safetensors file"
+    if head.startswith(b"\x80"):
+        return "pickle", "a pickle"
+    text = head.decode("utf-8", "replace")
+    return ("text", f"text ({text[:24]!r})") if text.isprintable() else ("binary", "binary data of another format")
+
+
+def _read_error(path: Path, expected: str, kinds: tuple[str, ...], err: Exception) -> WeightsError:
+    """One line: the file, what was expected, the cause, and what the file is when it is something else."""
+    kind, description = _file_kind(path)
+    other = "" if kind in kinds else f"; the file is {description}"
+    return WeightsError(f"{path} is not a readable {expected} ({_load_error_cause(err)}{other})")
+
+
+def _readable(path: Path, expected: str) -> None:
+    if not path.is_file():
+        raise WeightsError(f"{path} does not exist (expected {expected})")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path} is empty (expected {expected}): an interrupted download or copy?")
+
+
+def load_torch_file(path: str | Path) -> Any:
+    """A ``torch.save`` file (.pt/.pth/.bin) read with ``weights_only=True``: tensors, plain containers
+    and ``SAFE_GLOBALS`` only, so a file that would run code when unpickled is refused, never run.
+    Every failure is a one-line WeightsError naming the file and the cause."""
+    path = Path(path)
+    _readable(path, "a PyTorch checkpoint")
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # the error, if any, says more
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors have many types; the message names the file
+        blocked = re.search(r"GLOBAL (\S+?)\.? ", str(err))
+        if blocked:
+            raise WeightsError(f"{path} is refused: unpickling it would call {blocked[1]}, and only tensors and "
+                               "plain containers are read (a pickled object can run code)") from err
+        raise _read_error(path, "PyTorch checkpoint", ("zip", "pickle"), err) from err
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and header metadata of a .safetensors file; a truncated, empty or foreign file is a
+    one-line WeightsError naming it."""
+    path = Path(path)
+    _readable(path, "a safetensors file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for a corrupt header or data
+        raise _read_error(path, "safetensors file", ("safetensors",), err) from err
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The file as a dict: safetensors -> its tensors plus ``format``/``meta`` from the header;
     torch files -> whatever was saved (a state dict or a dict wrapping one)."""
@@ -74,18 +163,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist; pass the path of a downloaded checkpoint")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        tensors, metadata = read_safetensors(path)
         meta = json.loads(metadata["meta"]) if "meta" in metadata else {}
         return {"format": metadata.get("format", "safetensors"), **meta, "model_state": tensors}
-    try:  # timm's CheckpointSaver (HRViT, CSWin) pickles the run's argparse.Namespace beside the weights
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors have many types; the message names the file
-        raise WeightsError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+    checkpoint = load_torch_file(path)
+    if not isinstance(checkpoint, Mapping):
+        raise WeightsError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint (a dict of tensors)")
+    return checkpoint
 
 
 def state_dict_of(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:

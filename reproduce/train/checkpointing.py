@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from models.weights import load_torch_file, read_safetensors
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
@@ -72,15 +73,23 @@ def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def _missing(path: Path) -> FileNotFoundError:
+    """A missing run file; a finished run whose ``checkpoint.pt`` is gone (the pipeline deletes it)
+    still has its ``model.safetensors``, which the message names."""
+    weights = path.with_name(WEIGHTS_NAME)
+    if path.suffix != ".safetensors" and weights.is_file():
+        return FileNotFoundError(f"{path} does not exist; the run's weights are in {weights} (a finished pipeline "
+                                 f"stage keeps only those): pass that file")
+    return FileNotFoundError(f"{path} does not exist (expected a run's {CHECKPOINT_NAME}, {BEST_NAME} or {WEIGHTS_NAME})")
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A full ``checkpoint.pt`` / ``best.pt`` written by this suite."""
+    """A full ``checkpoint.pt`` / ``best.pt`` written by this suite, read with ``weights_only=True``
+    (``models.weights.load_torch_file``: a file that would run code is refused)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated or foreign files raise pickle, zip or torch errors
-        raise ValueError(f"{path} cannot be read as a checkpoint ({type(err).__name__}: {err}); delete it or pass another file") from err
+        raise _missing(path)
+    state = load_torch_file(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a checkpoint written by this suite (format {CHECKPOINT_FORMAT!r})")
     return state
@@ -90,15 +99,11 @@ def load_weights(path: Path) -> dict[str, Any]:
     """A ``model.safetensors`` of this suite as the checkpoint dict shape (no optimizer state)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception as err:  # safetensors raises its own error types for a corrupt header
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+        raise _missing(path)
+    tensors, metadata = read_safetensors(path)
     if metadata.get("format") != WEIGHTS_FORMAT:
         raise ValueError(f"{path} is not a weights file written by this suite (format {WEIGHTS_FORMAT!r})")
-    return {"format": WEIGHTS_FORMAT, **json.loads(metadata["meta"]), "model_state": load_file(str(path))}
+    return {"format": WEIGHTS_FORMAT, **json.loads(metadata["meta"]), "model_state": tensors}
 
 
 def load_run_state(path: Path) -> dict[str, Any]:
