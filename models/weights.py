@@ -239,6 +239,19 @@ def rename_keys(state: Mapping[str, torch.Tensor], rules: RenameRules, fmt: str)
     return out
 
 
+def _dropped_notice(dropped: list[str], target: Mapping[str, torch.Tensor], fmt: str) -> str:
+    """One short line on the checkpoint's head tensors a model does not take, and why."""
+    absent = [k for k in dropped if k not in target]
+    resized = [k for k in dropped if k in target]
+    parts = [f"{len(absent)} under {', '.join(sorted({k.split('.')[0] + '.' for k in absent}))} that the model "
+             "has not (a backbone builds no classifier head)"] if absent else []
+    if resized:
+        key = resized[0]
+        parts.append(f"{len(resized)} of another width (a head for another number of classes, e.g. {key} "
+                     f"{tuple(target[key].shape)} in the model)")
+    return f"dropped {len(dropped)} head tensors of the {fmt} checkpoint: {'; '.join(parts)}"
+
+
 def match_model(
     state: dict[str, torch.Tensor], model: nn.Module, optional: tuple[str, ...], fmt: str
 ) -> dict[str, torch.Tensor]:
@@ -267,8 +280,7 @@ def match_model(
             kept.append(key)
             state[key] = target[key]
     if dropped:
-        _logger.warning(f"dropped {len(dropped)} head tensor(s) of the {fmt} checkpoint that the model has not "
-                        f"or of another width ({', '.join(dropped)})")
+        _logger.warning(_dropped_notice(dropped, target, fmt))
     if kept:
         _logger.warning(f"{len(kept)} model tensor(s) not in the {fmt} checkpoint keep their initial values "
                         f"(under {', '.join(sorted({k.split('.')[0] for k in kept}))})")

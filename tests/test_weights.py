@@ -325,9 +325,22 @@ def test_a_head_of_another_width_is_dropped_with_a_notice(tmp_path, caplog):
     torch.save(state, path)
     with caplog.at_level(logging.WARNING):
         model = _pretrained("mit_b0", path)
-    assert "dropped 2 head tensor(s)" in caplog.text and "(head.weight, head.bias)" in caplog.text
+    assert "dropped 2 head tensors of the mit-nvlabs checkpoint: 2 of another width" in caplog.text
+    assert "e.g. head.weight (1000, 256) in the model" in caplog.text
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(X), source.forward_features(X), rtol=0, atol=0)
+
+
+def test_a_backbone_drops_the_classifier_head_with_one_short_notice(tmp_path, caplog):
+    source = _cls("hrvit_b1")
+    path = tmp_path / "hrvit_b1.pt"
+    torch.save(source.state_dict(), path)
+    with caplog.at_level(logging.WARNING):
+        load_backbone_weights(_seg("hrvit_b1"), path, "hrvit_b1")
+    heads = [k for k in source.state_dict() if k.startswith("head.")]
+    notice = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dropped")]
+    assert notice == [f"dropped {len(heads)} head tensors of the hrvit-repro checkpoint: {len(heads)} under head. "
+                      "that the model has not (a backbone builds no classifier head)"]
 
 
 def test_pretrained_without_a_source_or_offline_says_what_to_download(tmp_path):

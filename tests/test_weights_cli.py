@@ -18,6 +18,7 @@ from test_train import _assert_one_line_error
 from test_weights import _backbone_state, _cls, _head_to_mmseg, _hrvit_official, _official_cswin_key, _official_hrvit_key, _seg
 
 from models.weights import sha256
+from reproduce.train.checkpointing import save_weights
 from reproduce.cli import main
 from reproduce.tables.status import init_of
 
@@ -88,6 +89,23 @@ def test_finetune_starts_from_published_weights_and_records_init(tmp_path, data,
     weights = [k for k in backbone if not k.endswith(BN_STATISTICS)]
     assert all(k.startswith("stage_norms.") for k in weights if k not in source)  # CSWin's seg-only norms: not in its ImageNet file
     for key in (k for k in weights if k in source):
+        torch.testing.assert_close(backbone[key], source[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_finetune_takes_the_backbone_of_a_suite_segmentation_run(tmp_path, data):
+    seg = _seg("mit_b0", 19)  # a run on another dataset: its decode head does not fit, its backbone does
+    path = tmp_path / "model.safetensors"
+    save_weights(path, {"task": "seg", "model": "mit_b0", "model_settings": {"ablate": []}, "profile": "smoke",
+                        "num_classes": 19, "model_state": seg.state_dict()})
+    out = tmp_path / "ft"
+    assert main(["finetune", "--model", "mit_b0", *TINY, "--pretrained", str(path), "--data-root", str(data), "--output", str(out)]) == 0
+    metrics = _metrics(out)
+    assert metrics["init"]["format"] == "hrvit-repro" and metrics["pretrained"]["source_task"] == "seg"
+    assert metrics["pretrained"]["dropped"] == sorted(k for k in seg.state_dict() if k.startswith("decode_head."))
+    assert metrics["pretrained"]["missing"] == []
+    source = _backbone_state(seg)
+    backbone = {k[len("backbone.model."):]: v for k, v in load_file(out / "model.safetensors").items() if k.startswith("backbone.model.")}
+    for key in (k for k in backbone if not k.endswith(BN_STATISTICS)):
         torch.testing.assert_close(backbone[key], source[key], rtol=0, atol=1e-6, msg=key)
 
 

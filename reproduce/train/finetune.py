@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_common_arguments(parser, "finetune", default_dataset="synthetic")
     parser.description = (parser.description or "") + f". Datasets: {', '.join(SEG_DATASETS)}."
     parser.add_argument("--pretrained", type=Path, default=None,
-                        help=f"backbone weights: a pretrain run's checkpoint.pt / model.safetensors or a published checkpoint "
+                        help=f"backbone weights: a pretrain or finetune run's checkpoint.pt / model.safetensors or a published checkpoint "
                              f"({', '.join(FORMATS)}; README 'Published weights'); heads are dropped. Omit for random init")
 
 
@@ -86,7 +86,7 @@ def validate(args: argparse.Namespace) -> tuple[recipes.FinetuneRecipe, dict[str
     if args.dataset != "synthetic" and not args.data_root.is_dir():
         raise engine.SettingsError(f"--data-root {args.data_root} does not exist (expected the {args.dataset} root)")
     if args.pretrained is not None and not args.pretrained.is_file():
-        raise engine.SettingsError(f"--pretrained {args.pretrained} does not exist (expected a pretrain run's checkpoint.pt or model.safetensors, or a downloaded checkpoint)")
+        raise engine.SettingsError(f"--pretrained {args.pretrained} does not exist (expected a run's checkpoint.pt or model.safetensors, or a downloaded checkpoint)")
     settings = engine.model_settings(args, recipe.drop_path)
     engine.model_kwargs(args.model, settings)
     if args.pretrained is not None:
@@ -138,19 +138,19 @@ def read_pretrained(path: Path, name: str) -> dict[str, Any]:
 
 def pretrain_run(checkpoint: dict[str, Any], path: Path, name: str, settings: dict[str, Any]) -> dict[str, Any] | None:
     """What a ``--pretrained`` file says about the run that wrote it: None for published weights (any
-    format ``models.weights`` reads); for this suite's own files, the pretrain run, which must be a
-    classification run of this model with this run's ablations. ``validate`` calls it so that a wrong
-    file fails before any data is touched."""
+    format ``models.weights`` reads); for this suite's own files, the run that wrote it (a pretrain run,
+    or a fine-tuning run whose backbone is taken), which must be of this model with this run's
+    ablations. ``validate`` calls it so that a wrong file fails before any data is touched."""
     if checkpoint.get("format") not in SUITE_FORMATS:
         return None
-    if checkpoint.get("task") != "cls":
-        raise engine.SettingsError(f"--pretrained {path} is a {checkpoint.get('task')!r} checkpoint; expected a pretrain (classification) run")
+    if checkpoint.get("task") not in ("cls", "seg"):
+        raise engine.SettingsError(f"--pretrained {path} is a {checkpoint.get('task')!r} checkpoint; expected a pretrain or finetune run")
     if checkpoint.get("model") != name:
         raise engine.SettingsError(f"--pretrained {path} holds {checkpoint.get('model')}, not {name}")
     model_settings = checkpoint.get("model_settings") or {}
     if sorted(model_settings.get("ablate", [])) != sorted(settings.get("ablate", [])):
         raise engine.SettingsError(f"--pretrained {path} was trained with --ablate {model_settings.get('ablate')}, this run uses {settings.get('ablate')}")
-    return {"keys": list(checkpoint["model_state"]), "pretrain_profile": checkpoint.get("profile"),
+    return {"keys": list(checkpoint["model_state"]), "source_task": checkpoint["task"], "pretrain_profile": checkpoint.get("profile"),
             "pretrain_window_sizes": model_settings.get("window_sizes")}
 
 
@@ -158,7 +158,8 @@ def load_pretrained_backbone(model: nn.Module, path: Path, name: str, settings: 
     """Load ``path`` into ``model.backbone`` through ``models.weights`` (every accepted format; no
     partial loads) and return the run's ``init`` record ``{format, file, sha256}`` and, for a suite
     pretrain run, the ``pretrained`` record (path, tensors loaded, model tensors left at init
-    (``missing``), the classifier tensors dropped, the pretrain profile and window sizes)."""
+    (``missing``), the classifier or decode-head tensors dropped, the source run's task, profile and
+    window sizes)."""
     checkpoint = read_pretrained(path, name)
     run = pretrain_run(checkpoint, path, name, settings)
     try:
@@ -172,7 +173,8 @@ def load_pretrained_backbone(model: nn.Module, path: Path, name: str, settings: 
     pretrained = {
         "path": str(path), "loaded": record["loaded"], "missing": record["kept_init"],
         "shape_mismatch": [],  # kept for older readers: a mismatched tensor now fails the load
-        "dropped": sorted(key for key in run.pop("keys") if key not in backbone), **run,
+        "dropped": sorted(key for key in run.pop("keys") if key.removeprefix("backbone.").removeprefix("model.") not in backbone),
+        **run,
     }
     return init, pretrained
 
