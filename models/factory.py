@@ -107,7 +107,11 @@ def flop_family(name: str) -> str | None:
 def _external_backbone(name: str, **model_kwargs: Any) -> nn.Module:
     source, _, target = name.partition(":")
     if source != "timm":
-        return _external_factory(name)(**model_kwargs)
+        model = _external_factory(name)(**model_kwargs)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model {name!r} returned a {type(model).__name__}, not a torch nn.Module; PKG.MODULE:FACTORY "
+                             "must return a features-only backbone or a complete segmentation model")
+        return model
     try:
         return timm.create_model(target, features_only=True, out_indices=(-4, -3, -2, -1), **model_kwargs)
     except (RuntimeError, AssertionError, TypeError, ValueError) as err:

@@ -211,6 +211,17 @@ def run(args: argparse.Namespace) -> int:
         result = measure_request(request, depth=args.depth)
     except ValueError as err:  # an external model that cannot be built as asked
         return _usage_error(str(err))
+    except (RuntimeError, AssertionError, TypeError) as err:  # an external model that cannot run on this input
+        from models.factory import is_external
+        from reproduce.flops import AttentionCoverageError
+
+        if not is_external(request.model):
+            raise
+        if isinstance(err, AttentionCoverageError):  # its own message says what to register
+            return _usage_error(f"{request.model}: {err}")
+        cause = " ".join(str(err).split())[:200]
+        return _usage_error(f"{request.model} does not run on a {request.size[0]}x{request.size[1]} input with --task "
+                            f"{request.task} ({type(err).__name__}: {cause}); pass a --size (or --task) the model accepts")
     if args.json:
         print(json.dumps(result, indent=2))
     else:
