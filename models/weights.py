@@ -32,6 +32,7 @@ import hashlib
 import importlib
 import json
 import logging
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -137,7 +138,7 @@ def load_torch_file(path: str | Path) -> Any:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # the error, if any, says more
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch errors have many types; the message names the file
-        blocked = re.search(r"GLOBAL (\S+?)\.? ", str(err))
+        blocked = re.search(r"GLOBAL (\S+?)\.? ", str(err)) if isinstance(err, pickle.UnpicklingError) else None
         if blocked:
             raise WeightsError(f"{path} is refused: unpickling it would call {blocked[1]}, and only tensors and "
                                "plain containers are read (a pickled object can run code)") from err
@@ -160,8 +161,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The file as a dict: safetensors -> its tensors plus ``format``/``meta`` from the header;
     torch files -> whatever was saved (a state dict or a dict wrapping one)."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist; pass the path of a downloaded checkpoint")
     if path.suffix == ".safetensors":
         tensors, metadata = read_safetensors(path)
         meta = json.loads(metadata["meta"]) if "meta" in metadata else {}
