@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
             raise
         if isinstance(err, AttentionCoverageError):  # its own message says what to register
             return _usage_error(f"{request.model}: {err}")
-        cause = " ".join(str(err).split())[:200]
+        cause = " ".join(str(err).split())[:200]  # a shape error can print whole tensors
         return _usage_error(f"{request.model} does not run on a {request.size[0]}x{request.size[1]} input with --task "
                             f"{request.task} ({type(err).__name__}: {cause}); pass a --size (or --task) the model accepts")
     if args.json:
