@@ -38,7 +38,7 @@ DEFAULT_OUTPUT = Path("results/doctor.json")
 MODEL = "hrvit_b1"
 PARTS = ("pretrain-bf16", "pretrain-fp16", "finetune", "evaluate", "bench", "step-time", "compile", "learn")
 CPU_PARTS = ("step-time", "compile", "learn")  # the others are torchrun + NCCL + SyncBN checks
-QUICK_PARTS = ("step-time", "learn", "compile")
+QUICK_PARTS = ("step-time", "learn", "compile")  # compile last: it takes what the budget leaves
 # Generated shapes have 10 balanced classes: chance top-1 is 10 %. The CPU learning gate
 # (tests/test_learning.py) holds a trained model to 25 %, a margin its shuffled-label run (9.7 %) justifies.
 LEARN_TOP1_MIN = 25.0
@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per part (default %(default)s)")
     chosen = parser.add_mutually_exclusive_group()
     chosen.add_argument("--parts", nargs="+", choices=PARTS, metavar="PART",
-                        help=f"parts to run, in this order: {', '.join(PARTS)} (default: all; on cpu: {', '.join(CPU_PARTS)})")
+                        help=f"parts to run, in the order given: {', '.join(PARTS)} (default: all, in this order; on cpu: {', '.join(CPU_PARTS)})")
     chosen.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_PARTS)} (fits a ~5 minute slot)")
     parser.add_argument("--budget-s", type=float, metavar="S",
                         help="total seconds: a part that would start later is skipped, a running one stopped then")
@@ -132,10 +132,12 @@ def single_device_parts(work: Path, device: str, scale: Scale) -> list[Part]:
 
 
 def select(parts: list[Part], keys: tuple[str, ...] | list[str]) -> list[Part]:
-    """The parts named in ``keys``, in the plan's order (evaluation needs the fine-tuning's model)."""
-    if "evaluate" in keys and "finetune" not in keys:
-        raise UsageError("--parts evaluate reads the model that finetune writes; add finetune")
-    return [part for part in parts if part.key in keys]
+    """The parts named in ``keys``, in that order (evaluation, which reads the fine-tuned model, after finetune)."""
+    keys = list(dict.fromkeys(keys))
+    if "evaluate" in keys and ("finetune" not in keys or keys.index("finetune") > keys.index("evaluate")):
+        raise UsageError("--parts evaluate reads the model that finetune writes; put finetune before it")
+    by_key = {part.key: part for part in parts}
+    return [by_key[key] for key in keys]
 
 
 def summarise(part: Part, status: int, seconds: float, output: str) -> dict[str, Any]:

@@ -58,9 +58,10 @@ def test_the_plan_covers_syncbn_bf16_fp16_evaluation_bench_step_time_compile_and
 
 def test_quick_selects_step_time_learning_and_compile_and_evaluate_needs_finetune(tmp_path):
     parts = doctor.plan(1, tmp_path)
-    assert [p.key for p in doctor.select(parts, doctor.QUICK_PARTS)] == ["step-time", "compile", "learn"]
-    with pytest.raises(doctor.UsageError, match="add finetune"):
-        doctor.select(parts, ["evaluate"])
+    assert [p.key for p in doctor.select(parts, doctor.QUICK_PARTS)] == ["step-time", "learn", "compile"]
+    for keys in (["evaluate"], ["evaluate", "finetune"]):
+        with pytest.raises(doctor.UsageError, match="put finetune before it"):
+            doctor.select(parts, keys)
 
 
 def test_cpu_runs_only_the_device_independent_parts(tmp_path, capsys):
