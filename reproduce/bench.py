@@ -28,7 +28,7 @@ eager mode; compiling, then ``compile_s``, or warm-up and capture). On CUDA the 
 is the fused one and cuDNN autotunes (static shapes).
 
 One more pass runs under ``torch.profiler``: ``profiled_aten_ops`` counts the aten operators it
-dispatched (CPU events, on every device); on CUDA ``kernels_per_pass`` counts the GPU kernels it
+dispatched (the profiler's CPU events, nested calls included, on every device); on CUDA ``kernels_per_pass`` counts the GPU kernels it
 launched (memory copies and sets left out) and ``gpu_busy_s`` is the time the GPU spent in them
 (union of their intervals), so ``gpu_busy_fraction`` = ``gpu_busy_s`` / the median latency of the
 unprofiled passes. On CPU the two kernel fields are null. ``peak_total_mib`` is the absolute peak
@@ -445,8 +445,8 @@ def _revision(checkout: Path) -> str:
 
 
 def _jobs(args: argparse.Namespace) -> list[tuple[str, str, Path, str]]:
-    """(label, model, checkout, variant) of every row: the models from this checkout, then those of
-    ``--against``, each in every variant (labelled NAME+VARIANT, eager as plain NAME)."""
+    """(label, model, checkout, variant) of every row: per variant, the models from this checkout, then
+    those of ``--against`` (labelled NAME+VARIANT, eager as plain NAME)."""
     here = Path(__file__).resolve().parents[1]
     models = [(name, name, here) for name in args.models]
     if args.against:
@@ -454,7 +454,7 @@ def _jobs(args: argparse.Namespace) -> list[tuple[str, str, Path, str]]:
         rev = _revision(other)
         models += [(f"{name}@{rev}", name, other) for name in args.models if name != SMP_MIT_B1]
     return [(label if variant == "eager" else f"{label}+{variant}", name, checkout, variant)
-            for label, name, checkout in models for variant in args.variants]
+            for variant in args.variants for label, name, checkout in models]  # every model's first variant first
 
 
 MEDIAN_KEYS = ("latency_s", "cpu_s", "forward_peak_mib", "eager_latency_s", "compile_s", "compile_speedup",

@@ -9,7 +9,8 @@
 # $OUT as they come: bench.jsonl (one line per bench row, failed or skipped row), doctor.json,
 # checks.jsonl (one line per part: exit status and seconds), NAME.out / NAME.log per part;
 # summary.txt (and stdout) last. --tiny: the same parts at tiny sizes on the CPU (a smoke test of
-# this script, figures mean nothing).
+# this script, figures mean nothing). CHECKS_ONLY="self-check compile-cls" runs only the parts named
+# (train-cls infer-seg train-seg loader self-check compile-cls), e.g. in a second slot.
 set -u
 
 : "${OUT:?set OUT to the folder the results go to}"
@@ -36,6 +37,7 @@ note() { # one JSON line in checks.jsonl and on stdout
 # the command may read $PART_S (its own limit, for its --budget-s).
 part() {
   local name=$1 want=$2; shift 2
+  if [[ -n "${CHECKS_ONLY:-}" && " $CHECKS_ONLY " != *" $name "* ]]; then return; fi
   local left=$(( START + BUDGET - $(date +%s) ))
   local limit=$(( want < left ? want : left ))
   if (( limit < 15 )); then
