@@ -19,6 +19,29 @@ fp32 (or ``--amp`` dtype) matmul peak, measured in the same run with the same th
 compile time (the first compiled call) and the speed-up over eager. ``--channels-last`` converts
 model and input to the channels-last memory format.
 
+``--variants`` times each model in several forms, each its own row (``NAME+VARIANT``) in the same
+alternating rounds: ``eager``; ``compile`` (``torch.compile``); ``reduce-overhead`` (``torch.compile``
+with inductor's CUDA graphs); ``cuda-graphs`` (CUDA only: the whole eager pass, training step
+included, captured once with ``torch.cuda.graph`` and replayed, so the CPU launches one graph per
+pass). Every row has ``first_step_s``, the first pass (cuDNN autotuning and lazy kernel loading in
+eager mode; compiling, then ``compile_s``, or warm-up and capture). On CUDA the training step's AdamW
+is the fused one and cuDNN autotunes (static shapes).
+
+One more pass runs under ``torch.profiler``: ``profiled_aten_ops`` counts the aten operators it
+dispatched (the profiler's CPU events, nested calls included, on every device); on CUDA ``kernels_per_pass`` counts the GPU kernels it
+launched (memory copies and sets left out) and ``gpu_busy_s`` is the time the GPU spent in them
+(union of their intervals), so ``gpu_busy_fraction`` = ``gpu_busy_s`` / the median latency of the
+unprofiled passes. On CPU the two kernel fields are null. ``peak_total_mib`` is the absolute peak
+(CUDA: ``max_memory_allocated``; CPU: ``VmHWM``); for ``cuda-graphs`` the peak spans the capture,
+whose private memory pool the replays reuse.
+
+``--same-process`` runs every row in this process (faster: lazy loading and autotuning are paid
+once; on CUDA the peak is still per row, since the allocator's peak is reset). ``--jsonl FILE``
+appends each row as one JSON line the moment it is measured (and one line per failed or skipped
+row), so a run cut short still leaves its figures; a row that fails is reported and the others go
+on. ``--budget-s S`` starts no row after S seconds (each skipped row gets a line saying so) and, in
+subprocesses, stops a row still running then.
+
 Besides wall-clock latency, each pass's process CPU time is recorded (``cpu_s``, and the "CPU
 ratio" column): on a shared, busy machine, wall time swings with the other load, while the CPU
 time of a single-threaded (``--threads 1``) run stays close to the work done.
@@ -50,6 +73,9 @@ AMP_DTYPES = ("fp16", "bf16")
 DATASETS = ("imagenet", "cityscapes")
 TRAIN_MAC_FACTOR = 3  # forward + backward (2x forward) per training step
 GMACS_COUNT = "torch FlopCounterMode FLOPs / 2 (SDPA included), forward pass per image"
+VARIANTS = ("eager", "compile", "reduce-overhead", "cuda-graphs")
+COMPILE_MODES = {"compile": "default", "reduce-overhead": "reduce-overhead"}  # variant -> torch.compile mode
+GRAPH_WARMUP_PASSES = 3  # eager passes on a side stream before capture (lazy init, autotuning, optimizer state)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", choices=AMP_DTYPES, help="CUDA autocast dtype (default: fp32, no autocast)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True): compile time, speed-up")
     parser.add_argument("--channels-last", action="store_true", help="model and input in channels-last memory format")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["eager"], metavar="VARIANT",
+                        help=f"forms of each model to time, one row each, alternating: {', '.join(VARIANTS)} "
+                             "(cuda-graphs: CUDA only) (default: eager)")
+    parser.add_argument("--same-process", action="store_true",
+                        help="run every row in this process instead of one fresh process per row")
+    parser.add_argument("--jsonl", type=Path, metavar="FILE", help="append one JSON line per row as it is measured")
+    parser.add_argument("--budget-s", type=float, metavar="S", help="start no row after S seconds; skipped rows say so")
     parser.add_argument("--runs", type=int, default=7, help="timed passes (default 7)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat the whole set in alternating order; report medians over rounds (default 1)")
@@ -106,6 +139,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.amp and args.device != "cuda":
         raise ValueError("--amp is CUDA autocast; add --device cuda or drop --amp")
+    if args.budget_s is not None and args.budget_s <= 0:
+        raise ValueError(f"--budget-s must be > 0, got {args.budget_s}")
+    if "cuda-graphs" in args.variants and args.device != "cuda":
+        raise ValueError("--variants cuda-graphs captures CUDA graphs; add --device cuda or drop that variant")
+    if args.compile and set(args.variants) != {"eager"}:
+        raise ValueError("--compile pairs eager with torch.compile in one row; use it with --variants eager, "
+                         "or drop it and list --variants eager compile")
+    if args.same_process and args.against:
+        raise ValueError("--against runs the other checkout's models in their own processes; drop --same-process")
     if args.device == "cuda":
         import torch
 
@@ -130,14 +172,34 @@ def _proc_status_bytes(field: str) -> int:
     return int(line.split()[1]) * 1024  # reported in kB
 
 
-def _reset_cpu_peak() -> int:
-    """Reset this process's RSS high-water mark; return the current RSS in bytes."""
+def _reset_cpu_peak() -> None:
+    """Reset this process's RSS high-water mark."""
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
     except OSError as err:
         raise RuntimeError(f"CPU peak memory needs Linux's /proc/self/clear_refs ({err}); use --device cuda") from err
-    return _proc_status_bytes("VmRSS")
+
+
+def _memory_in_use(cuda: bool) -> int:
+    """Bytes held now: the CUDA allocator's, or this process's resident set."""
+    import torch
+
+    if not cuda:
+        return _proc_status_bytes("VmRSS")
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated()
+
+
+def _reset_peak(cuda: bool) -> None:
+    """Reset the memory high-water mark (CUDA allocator, or this process's RSS)."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_cpu_peak()
 
 
 def _amp_dtype(amp: str | None):
@@ -174,17 +236,21 @@ def _random_labels(model, x):
 
 
 def _make_step(model, x, labels, config: dict[str, Any]) -> Callable[[], None]:
-    """One timed pass: inference forward, or forward + cross-entropy + backward + AdamW step."""
+    """One timed pass: inference forward, or forward + cross-entropy + backward + AdamW step (fused on
+    CUDA; with its state on the device when the step is to be captured in a CUDA graph)."""
     import torch
     import torch.nn.functional as F
 
-    autocast = torch.autocast("cuda", dtype=_amp_dtype(config["amp"]), enabled=config["amp"] is not None)
+    graphed = config.get("variant") == "cuda-graphs"
+    autocast = torch.autocast("cuda", dtype=_amp_dtype(config["amp"]), enabled=config["amp"] is not None,
+                              cache_enabled=not graphed)  # a graph cannot replay autocast's cast cache
     if config["mode"] == "infer":
         def step() -> None:
             with torch.inference_mode(), autocast:
                 model(x)
         return step
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    cuda = x.device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda or None, capturable=graphed)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -193,6 +259,24 @@ def _make_step(model, x, labels, config: dict[str, Any]) -> Callable[[], None]:
         loss.backward()
         optimizer.step()
     return step
+
+
+def _capture(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` captured in a CUDA graph after warm-up passes on a side stream; returns the replay.
+    Gradients are None at capture, so backward allocates them in the graph's pool and each replay
+    overwrites them."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(GRAPH_WARMUP_PASSES):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def _time(step: Callable[[], None], runs: int, cuda: bool) -> tuple[list[float], list[float]]:
@@ -210,6 +294,48 @@ def _time(step: Callable[[], None], runs: int, cuda: bool) -> tuple[list[float],
     return walls, cpus
 
 
+def _busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals in microseconds, in seconds: overlapping kernels count once."""
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy / 1e6
+
+
+def _profile(step: Callable[[], None], cuda: bool) -> dict[str, Any]:
+    """One pass under torch.profiler: aten operators dispatched and, on CUDA, kernels launched and GPU busy time."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    try:
+        with profile(activities=activities) as prof:
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+        events = prof.events()
+    except RuntimeError as err:  # the profiler's failure costs its own figures, not the row's timings
+        return {"profiled_aten_ops": None, "kernels_per_pass": None, "gpu_busy_s": None, "profile_error": str(err)[-500:]}
+    ops = sum(e.device_type == DeviceType.CPU and e.name.startswith("aten::") for e in events)
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
+    return {"profiled_aten_ops": ops, "kernels_per_pass": len(kernels) if cuda else None,
+            "gpu_busy_s": _busy_seconds([(e.time_range.start, e.time_range.end) for e in kernels]) if cuda else None}
+
+
+def _first_pass(step: Callable[[], None], cuda: bool) -> float:
+    """Seconds of one pass, synchronised."""
+    import torch
+
+    start = time.perf_counter()
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def bench_one(config: dict[str, Any]) -> dict[str, Any]:
     """Time one model in this process (see the module docstring); ``config`` holds the CLI options."""
     import torch
@@ -220,6 +346,9 @@ def bench_one(config: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(config["threads"])
     device = torch.device(config["device"])
     cuda = device.type == "cuda"
+    variant = config.get("variant", "eager")
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # static shapes: autotuned once, in the first pass
     model, family = _build(config["model"], config["task"], config["num_classes"])
     memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
     model = model.train(config["mode"] == "train").to(device, memory_format=memory_format)
@@ -231,38 +360,44 @@ def bench_one(config: dict[str, Any]) -> dict[str, Any]:
         eager = _time(_make_step(model, x, labels, config), config["warmup"] + config["runs"], cuda)[0][config["warmup"]:]
         compiled["eager_latency_s"] = statistics.median(eager)
         model = torch.compile(model, fullgraph=True)
+    elif variant in COMPILE_MODES:
+        model = torch.compile(model, mode=COMPILE_MODES[variant])
     step = _make_step(model, x, labels, config)
-    if config["compile"]:  # the first compiled call compiles
+    before = _memory_in_use(cuda)  # the peak counts what the passes add, optimizer state included
+    if variant == "cuda-graphs":  # the peak spans the capture: the graph's pool holds the pass's memory
+        _reset_peak(cuda)
         start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        compiled["compile_s"] = time.perf_counter() - start
-
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        step = _capture(step)
+        first = time.perf_counter() - start
     else:
-        before = _reset_cpu_peak()
+        first = _first_pass(step, cuda)  # the first compiled call compiles; autotuning's workspaces stay out of the peak
+        _reset_peak(cuda)
+    if config["compile"] or variant in COMPILE_MODES:
+        compiled["compile_s"] = first
     _time(step, config["warmup"], cuda)
     times, cpu_times = _time(step, config["runs"], cuda)
-    peak = (torch.cuda.max_memory_allocated() if cuda else _proc_status_bytes("VmHWM")) - before
+    peak_total = torch.cuda.max_memory_allocated() if cuda else _proc_status_bytes("VmHWM")
     latency = statistics.median(times)
+    profiled = _profile(step, cuda)
     # counted after timing so the counter's own allocations stay out of the memory peak
     plain = getattr(model, "_orig_mod", model)
     gmacs = measure(plain.cpu(), tuple(config["size"]), family, conventions=("torch",)).gflops["torch"] / 2
     row = {  # raw measurements; rates and ratios are derived once, over rounds, in run()
         "model": config["model"],
+        "variant": variant,
         "params": sum(p.numel() for p in plain.parameters()),
         "gmacs": gmacs,
         "latency_s": latency,
         "latencies_s": times,
         "cpu_s": statistics.median(cpu_times),
-        "forward_peak_mib": peak / 2**20,
+        "forward_peak_mib": (peak_total - before) / 2**20,
+        "peak_total_mib": peak_total / 2**20,
+        "first_step_s": first,
+        **profiled,
     }
     if compiled:
-        compiled["compile_speedup"] = compiled["eager_latency_s"] / latency
+        if config["compile"]:
+            compiled["compile_speedup"] = compiled["eager_latency_s"] / latency
         row.update(compiled)
     return row
 
@@ -276,13 +411,33 @@ _WORKER = (
 )
 
 
-def _bench_in_subprocess(config: dict[str, Any], checkout: Path) -> dict[str, Any]:
+def _bench_in_subprocess(config: dict[str, Any], checkout: Path, timeout: float | None) -> dict[str, Any]:
     """``bench_one`` of this file in a fresh process whose models (and FLOP ledger) come from ``checkout``."""
-    proc = subprocess.run([sys.executable, "-c", _WORKER, __file__, json.dumps(config)], capture_output=True, text=True,
-                          cwd=checkout)  # the worker's sys.path starts at its working directory
+    try:
+        proc = subprocess.run([sys.executable, "-c", _WORKER, __file__, json.dumps(config)], capture_output=True,
+                              text=True, cwd=checkout, timeout=timeout)  # the worker's sys.path starts at its working directory
+    except subprocess.TimeoutExpired as err:
+        raise RuntimeError(f"stopped after {err.timeout:.0f} s: --budget-s spent") from err
     if proc.returncode != 0:
         raise RuntimeError(f"benchmarking {config['model']} ({checkout}) failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _bench_here(config: dict[str, Any]) -> dict[str, Any]:
+    """``bench_one`` in this process; the row's model, graphs and compiled code are released afterwards."""
+    import gc
+
+    import torch
+
+    try:
+        return bench_one(config)
+    except Exception as err:  # noqa: BLE001 - one failed row is reported, the others still run
+        raise RuntimeError(f"benchmarking {config['model']} failed: {type(err).__name__}: {err}") from err
+    finally:
+        torch._dynamo.reset()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _revision(checkout: Path) -> str:
@@ -290,18 +445,36 @@ def _revision(checkout: Path) -> str:
     return proc.stdout.strip() if proc.returncode == 0 else checkout.name
 
 
-def _jobs(args: argparse.Namespace) -> list[tuple[str, str, Path]]:
-    """(label, model, checkout) of every row: the models from this checkout, then those of ``--against``."""
+def _jobs(args: argparse.Namespace) -> list[tuple[str, str, Path, str]]:
+    """(label, model, checkout, variant) of every row: per variant, the models from this checkout, then
+    those of ``--against`` (labelled NAME+VARIANT, eager as plain NAME)."""
     here = Path(__file__).resolve().parents[1]
-    jobs = [(name, name, here) for name in args.models]
+    models = [(name, name, here) for name in args.models]
     if args.against:
         other = Path(args.against).resolve()
         rev = _revision(other)
-        jobs += [(f"{name}@{rev}", name, other) for name in args.models if name != SMP_MIT_B1]
-    return jobs
+        models += [(f"{name}@{rev}", name, other) for name in args.models if name != SMP_MIT_B1]
+    return [(label if variant == "eager" else f"{label}+{variant}", name, checkout, variant)
+            for variant in args.variants for label, name, checkout in models]  # every model's first variant first
 
 
-MEDIAN_KEYS = ("latency_s", "cpu_s", "forward_peak_mib", "eager_latency_s", "compile_s", "compile_speedup")
+MEDIAN_KEYS = ("latency_s", "cpu_s", "forward_peak_mib", "eager_latency_s", "compile_s", "compile_speedup",
+               "peak_total_mib", "first_step_s", "profiled_aten_ops", "kernels_per_pass", "gpu_busy_s")
+
+
+def _median(values: list[float | None]) -> float | None:
+    """Median of the measured values (None: not measured on this device)."""
+    measured = [v for v in values if v is not None]
+    return statistics.median(measured) if measured else None
+
+
+def _derive(row: dict[str, Any], batch_size: int, mac_factor: int) -> dict[str, Any]:
+    """Add the rates of the row's latency: images/s, GMAC/s and the GPU-busy share of a pass."""
+    row["images_per_s"] = batch_size / row["latency_s"]
+    row["gmac_per_s"] = row["gmacs"] * batch_size * mac_factor / row["latency_s"]
+    busy = row.get("gpu_busy_s")
+    row["gpu_busy_fraction"] = None if busy is None else busy / row["latency_s"]
+    return row
 
 
 def _merge_rounds(rounds: list[dict[str, Any]], batch_size: int, mac_factor: int) -> dict[str, Any]:
@@ -310,21 +483,35 @@ def _merge_rounds(rounds: list[dict[str, Any]], batch_size: int, mac_factor: int
     row = dict(rounds[0])
     for key in MEDIAN_KEYS:
         if key in row:
-            row[key] = statistics.median(r[key] for r in rounds)
+            row[key] = _median([r[key] for r in rounds])
     row["latencies_s"] = [t for r in rounds for t in r["latencies_s"]]
-    row["images_per_s"] = batch_size / row["latency_s"]
-    row["gmac_per_s"] = row["gmacs"] * batch_size * mac_factor / row["latency_s"]
-    return row
+    return _derive(row, batch_size, mac_factor)
 
 
-def _ratios(rounds: list[list[dict[str, Any]]], index: int, ref: int | None, key: str) -> list[float] | None:
-    return None if ref is None else [r[index][key] / r[ref][key] for r in rounds]
+def _ratios(rounds: list[list[dict[str, Any] | None]], index: int, ref: int | None, key: str) -> list[float] | None:
+    """Per round, the row's ``key`` over the reference's, for the rounds where both were measured."""
+    if ref is None:
+        return None
+    return [r[index][key] / r[ref][key] for r in rounds if r[index] is not None and r[ref] is not None] or None
+
+
+def _append_jsonl(path: Path | None, record: dict[str, Any]) -> None:
+    """Append one JSON line, flushed at once, so that a run cut short keeps what it measured."""
+    if path is not None:
+        with path.open("a") as out:
+            out.write(json.dumps(record) + "\n")
+
+
+def _loader_batches(workers: int) -> int:
+    """Batches timed: enough for every worker to deliver several, so start-up is amortised."""
+    return max(20, 8 * workers)
 
 
 def _run_data(args: argparse.Namespace) -> int:
     from reproduce.data.throughput import loader_benchmark  # the engine's loader, imported only here
 
-    result = loader_benchmark(args.data, args.data_root, args.workers)
+    result = loader_benchmark(args.data, args.data_root, args.workers, batches=_loader_batches(args.workers))
+    _append_jsonl(args.jsonl, {"bench": "loader", **result})
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -336,6 +523,36 @@ def _run_data(args: argparse.Namespace) -> int:
 
 OPTION_KEYS = ("mode", "task", "batch_size", "device", "amp", "compile", "channels_last", "runs", "warmup", "size",
                "num_classes", "threads")  # what each worker is told (--rounds and --against shape the set of runs)
+
+
+def _measure_rounds(args: argparse.Namespace, jobs: list[tuple[str, str, Path, str]], options: dict[str, Any],
+                    mac_factor: int) -> tuple[list[list[dict[str, Any] | None]], dict[int, str]]:
+    """Every job in every round, alternating (odd rounds in reverse order); rounds[r][j] is job j's row
+    in round r, None where it failed or the budget was spent (the reason in the second value)."""
+    deadline = None if args.budget_s is None else time.perf_counter() + args.budget_s
+    rounds, problems = [], {}
+    for r in range(args.rounds):
+        done: dict[int, dict[str, Any] | None] = {}
+        for j in (range(len(jobs)) if r % 2 == 0 else reversed(range(len(jobs)))):
+            label, model, checkout, variant = jobs[j]
+            left = None if deadline is None else deadline - time.perf_counter()
+            done[j] = None
+            try:
+                if left is not None and left <= 0:
+                    raise RuntimeError(f"skipped: --budget-s {args.budget_s:g} spent before it started")
+                config = {"model": model, "variant": variant, **options}
+                row = _bench_here(config) if args.same_process else _bench_in_subprocess(config, checkout, left)
+            except RuntimeError as err:
+                problems[j] = str(err)
+                print(f"bench: {label} (round {r + 1}): {err}", file=sys.stderr, flush=True)
+                _append_jsonl(args.jsonl, {"bench": "failed", "model": label, "variant": variant, "round": r + 1,
+                                           "options": options, "error": str(err)[-2000:]})
+                continue
+            done[j] = row
+            _append_jsonl(args.jsonl, {"bench": "row", **_derive(dict(row), args.batch_size, mac_factor),
+                                       "model": label, "round": r + 1, "options": options})
+        rounds.append([done[j] for j in range(len(jobs))])
+    return rounds, problems
 
 
 def run(args: argparse.Namespace) -> int:
@@ -353,17 +570,20 @@ def run(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in OPTION_KEYS}
     peak = matmul_peak_gmacs(args.device, args.amp, args.threads)
     jobs = _jobs(args)
-    rounds = []  # rounds[r][j]: job j's row in round r; odd rounds run the jobs in reverse order
-    for r in range(args.rounds):
-        order = range(len(jobs)) if r % 2 == 0 else reversed(range(len(jobs)))
-        done = {j: _bench_in_subprocess({"model": jobs[j][1], **options}, jobs[j][2]) for j in order}
-        rounds.append([done[j] for j in range(len(jobs))])
-    labels = [label for label, _, _ in jobs]
-    ref = labels.index(args.reference) if args.reference in labels else None
     mac_factor = TRAIN_MAC_FACTOR if args.mode == "train" else 1
-    rows = []
+    rounds, problems = _measure_rounds(args, jobs, options, mac_factor)
+    labels = [label for label, _, _, _ in jobs]
+    ref = labels.index(args.reference) if args.reference in labels else None
+    if ref is not None and all(rnd[ref] is None for rnd in rounds):
+        ref = None
+    rows, failed = [], []
     for j, label in enumerate(labels):
-        row = _merge_rounds([rnd[j] for rnd in rounds], args.batch_size, mac_factor)
+        measured = [rnd[j] for rnd in rounds if rnd[j] is not None]
+        if not measured:
+            failed.append({"model": label, "variant": jobs[j][3], "error": problems[j],
+                           "skipped": problems[j].startswith("skipped")})
+            continue
+        row = _merge_rounds(measured, args.batch_size, mac_factor)
         row["model"], row["checkout"] = label, str(jobs[j][2])
         row["percent_of_peak"] = 100 * row["gmac_per_s"] / peak
         for name, key in (("latency", "latency_s"), ("cpu", "cpu_s"), ("memory", "forward_peak_mib")):
@@ -372,14 +592,16 @@ def run(args: argparse.Namespace) -> int:
         row["latency_vs_reference_rounds"] = _ratios(rounds, j, ref, "latency_s")
         rows.append(row)
     result = {"options": options, "reference": args.reference if ref is not None else None, "results": rows,
+              "failed": failed, "variants": args.variants,
               "rounds": args.rounds, "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(),
+              "device_name": torch.cuda.get_device_name() if args.device == "cuda" else None,
               "matmul_peak_gmac_per_s": peak, "gmacs_count": GMACS_COUNT,
               "step_macs": f"{TRAIN_MAC_FACTOR}x forward per image" if args.mode == "train" else "forward per image"}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         _print_table(result)
-    return 0
+    return 1 if not rows or any(not row["skipped"] for row in failed) else 0
 
 
 def _ratio(value: float | None) -> str:
@@ -415,4 +637,14 @@ def _print_table(result: dict[str, Any]) -> None:
         headers += ["compile s", "vs eager"]
         for line, r in zip(rows, result["results"]):
             line += [f"{r['compile_s']:.1f}", _ratio(r["compile_speedup"])]
+    headers.append("first pass s")
+    for line, r in zip(rows, result["results"]):
+        line.append(f"{r['first_step_s']:.1f}")
+    if opts["device"] == "cuda":
+        headers += ["kernels/pass", "GPU busy %"]
+        for line, r in zip(rows, result["results"]):
+            busy = r["gpu_busy_fraction"]
+            line += [str(r["kernels_per_pass"]), "-" if busy is None else f"{100 * busy:.0f}"]
     print(tabulate(rows, headers=headers, disable_numparse=True))
+    for row in result["failed"]:
+        print(f"{row['model']}: not measured: {row['error'].strip().splitlines()[-1]}")

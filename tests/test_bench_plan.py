@@ -127,3 +127,131 @@ def test_plan_from_measured_throughput(capsys, tmp_path, fixed_flops):
 def test_plan_errors(capsys, argv, message):
     assert main(["plan", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_variants_in_one_process_append_jsonl_rows(capsys, tmp_path, monkeypatch):
+    """Each variant is its own row; every row goes to the JSON lines file as it is measured. torch.compile
+    is replaced by the identity here (compiling takes minutes on CPU): the compiled row's code path runs."""
+    import torch
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)
+    lines = tmp_path / "bench.jsonl"
+    argv = ["bench", "--models", "mit_b0", "--variants", "eager", "compile", "--same-process", "--size", "32", "32",
+            "--runs", "1", "--warmup", "0", "--threads", "1", "--jsonl", str(lines), "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    eager, compiled = result["results"]
+    assert (eager["model"], compiled["model"]) == ("mit_b0", "mit_b0+compile") and result["failed"] == []
+    assert compiled["variant"] == "compile" and compiled["compile_s"] == compiled["first_step_s"] > 0
+    assert "compile_s" not in eager and eager["first_step_s"] > 0
+    for row in (eager, compiled):  # the profiled pass: aten ops on every device, kernels only on CUDA
+        assert row["profiled_aten_ops"] > 0 and row["kernels_per_pass"] is None and row["gpu_busy_fraction"] is None
+        assert row["peak_total_mib"] >= row["forward_peak_mib"]
+    written = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert [(w["bench"], w["model"], w["round"]) for w in written] == [("row", "mit_b0", 1), ("row", "mit_b0+compile", 1)]
+    assert written[0]["images_per_s"] == pytest.approx(1 / written[0]["latency_s"]) and written[0]["options"]["size"] == [32, 32]
+
+
+def _fake_row(config):
+    return {"model": config["model"], "variant": config["variant"], "params": 1, "gmacs": 1.0, "latency_s": 0.5,
+            "latencies_s": [0.5], "cpu_s": 0.5, "forward_peak_mib": 1.0, "peak_total_mib": 2.0, "first_step_s": 1.0,
+            "profiled_aten_ops": 10, "kernels_per_pass": None, "gpu_busy_s": None}
+
+
+def test_bench_reports_a_failed_row_and_skips_rows_past_the_budget(capsys, tmp_path, monkeypatch):
+    """Row 1 fails, row 2 outlasts the 1.5 s budget, so row 3 is not started: each says so, and the run
+    still reports row 2 (exit 1: a row failed)."""
+    import time
+
+    def fake_bench_one(config):
+        if config["model"] == "hrvit_b1":
+            raise ValueError("no such kernel")
+        time.sleep(1.6)
+        return _fake_row(config)
+
+    monkeypatch.setattr(reproduce.bench, "bench_one", fake_bench_one)
+    lines = tmp_path / "bench.jsonl"
+    argv = ["bench", "--models", "hrvit_b1", "mit_b0", "mit_b1", "--same-process", "--budget-s", "1.5", "--runs", "1",
+            "--size", "32", "32", "--threads", "1", "--jsonl", str(lines), "--json"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert [r["model"] for r in result["results"]] == ["mit_b0"]
+    failed = {f["model"]: f for f in result["failed"]}
+    assert "ValueError: no such kernel" in failed["hrvit_b1"]["error"] and not failed["hrvit_b1"]["skipped"]
+    assert failed["mit_b1"]["skipped"] and "--budget-s 1.5 spent" in failed["mit_b1"]["error"]
+    assert "bench: mit_b1 (round 1): skipped" in captured.err
+    assert [json.loads(line)["bench"] for line in lines.read_text().splitlines()] == ["failed", "row", "failed"]
+
+
+def test_gpu_busy_time_counts_overlapping_kernels_once():
+    assert reproduce.bench._busy_seconds([(20.0, 30.0), (0.0, 10.0), (5.0, 15.0)]) == pytest.approx(25e-6)
+    assert reproduce.bench._busy_seconds([]) == 0.0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--variants", "cuda-graphs"], "--variants cuda-graphs captures CUDA graphs; add --device cuda"),
+        (["--compile", "--variants", "eager", "compile"], "--compile pairs eager with torch.compile"),
+        (["--budget-s", "0"], "--budget-s must be > 0"),
+        (["--same-process", "--against", str(Path(__file__).resolve().parents[1])], "drop --same-process"),
+    ],
+)
+def test_bench_variant_options_checked_before_any_build(capsys, argv, message):
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def _train_row(model, variant, task, size, images_per_s, gmac_per_s):
+    return {"bench": "row", "model": model if variant == "eager" else f"{model}+{variant}", "variant": variant,
+            "images_per_s": images_per_s, "gmac_per_s": gmac_per_s,
+            "options": {"mode": "train", "task": task, "size": [size, size]}}
+
+
+def test_plan_from_measured_images_per_second(capsys, tmp_path, fixed_flops):
+    """The stage measured at its task and size takes the fastest variant's images/s; the same model at
+    another size its GMAC/s; a model not measured the assumed share of the peak, labelled so."""
+    lines = [_train_row("hrvit_b3", "eager", "cls", 224, 100.0, 500.0), _train_row("hrvit_b3", "cuda-graphs", "cls", 224, 300.0, 1500.0),
+             _train_row("hrvit_b3@abc123", "eager", "cls", 224, 9000.0, 9000.0), {"bench": "loader", "images_per_s": 5.0},
+             _train_row("hrvit_b1", "eager", "seg", 512, 50.0, 400.0) | {"options": {"mode": "infer", "task": "seg", "size": [512, 512]}}]
+    (tmp_path / "bench.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["plan", "--tables", "table7_window", "table3_pretrain", "--measured", str(tmp_path / "bench.jsonl"),
+                 "--gpu-type", "H100", "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    stages = {s["stage"]: s for t in result["tables"].values() for s in t["stages"]}
+    pretrain = stages["pretrain@hrvit_b3"]
+    assert pretrain["gpu_hours"] == pytest.approx(pretrain["images"] / 300.0 / 3600)
+    assert pretrain["source"] == "measured: 300 img/s (cuda-graphs)"
+    finetune = stages["finetune_cityscapes@hrvit_b3"]
+    assert finetune["gpu_hours"] == pytest.approx(finetune["images"] * 30.0 / (2 * 1500.0) / 3600)
+    assert finetune["source"] == "measured GMAC/s at cls 224 px (cuda-graphs)"
+    other = stages["pretrain@hrvit_b1"]  # only measured in inference: the assumption, labelled
+    assert other["source"].startswith("ASSUMED: H100 at 5%")
+    assert other["gpu_hours"] == pytest.approx(other["images"] * 30.0 / (2 * GPU_PEAK_TFLOPS["H100"] * 1e3 / 2 * 0.05) / 3600)
+    assert "images/s measured in" in result["assumption"] and "ASSUMED" in result["assumption"]
+    assert f"plan: [1/{len(stages) + 1}] table7_window: pretrain@hrvit_b3" in captured.err  # progress, one line per stage
+
+
+def test_plan_reads_a_doctor_report(capsys, tmp_path, fixed_flops):
+    bench = {"options": {"mode": "train", "task": "cls", "size": [224, 224]},
+             "results": [{"model": "hrvit_b3", "variant": "eager", "images_per_s": 200.0, "gmac_per_s": 800.0}]}
+    report = {"passed": True, "parts": [{"part": "step time (bench)", "bench": bench}, {"part": "evaluate", "passed": True}]}
+    (tmp_path / "doctor.json").write_text(json.dumps(report))
+    assert main(["plan", "--tables", "table7_window", "--measured", str(tmp_path / "doctor.json"), "--json"]) == 0
+    pretrain = json.loads(capsys.readouterr().out)["tables"]["table7_window"]["stages"][0]
+    assert pretrain["gpu_hours"] == pytest.approx(pretrain["images"] / 200.0 / 3600)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("not json", "not a doctor report or bench result"),
+        (json.dumps({"bench": "loader", "images_per_s": 5.0}), "no training-step measurement"),
+    ],
+)
+def test_plan_measured_errors(capsys, tmp_path, content, message):
+    (tmp_path / "m.json").write_text(content)
+    assert main(["plan", "--measured", str(tmp_path / "m.json")]) == 2
+    assert message in capsys.readouterr().err
