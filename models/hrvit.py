@@ -14,7 +14,8 @@ refer to it). Beyond the official code:
   stripe widths are the ``window_sizes`` keyword (the paper's Cityscapes b3 uses ``(1, 2, 9, 9)``).
 
 ``timm.create_model("hrvit_b1", features_only=True)`` returns the four branch maps (strides 4, 8, 16,
-32); without it the model is the HRNetV2-style ImageNet classifier of §2.11.
+32); without it the model is the HRNetV2-style ImageNet classifier of §2.11. Each starts as the official
+code starts it (§2.13): the classifier with PyTorch's default init, the backbone with trunc-normal Linears.
 """
 from __future__ import annotations
 
@@ -657,8 +658,8 @@ class HRViT(nn.Module):
 
 def _init_weights(module: nn.Module) -> None:
     """The official segmentation backbone's ``init_weights`` (§2.13): Linear trunc_normal(0.02), bias 0.
-    Its norms start at weight 1 and bias 0 and its convolutions at PyTorch's default, as they do
-    unchanged; the attention BN keeps its zero init (HRViTAttn)."""
+    Its other layers start as they are built here: norms at weight 1 and bias 0, convolutions at
+    PyTorch's default, the attention BN at zero (HRViTAttn)."""
     if isinstance(module, nn.Linear):
         trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
