@@ -111,7 +111,7 @@ class MiT(smp_mit.MixVisionTransformer):
         take_indices, max_index = feature_take_indices(_STAGES, indices)
         for i in range(max_index + 1, _STAGES):
             setattr(self, f"patch_embed{i + 1}", nn.Identity())
-            setattr(self, f"block{i + 1}", nn.Sequential())
+            setattr(self, f"block{i + 1}", nn.Sequential())  # empty: checkpoint_seq runs it too
             setattr(self, f"norm{i + 1}", nn.Identity())
         if prune_head:
             self.reset_classifier(0, "")
