@@ -17,14 +17,15 @@ are invisible to fvcore and torch's CPU counter, hence the registered attention 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._manipulate import MATCH_PREV_GROUP
 from torch import nn
 
 from models.factory import SuiteCfg
@@ -170,12 +171,13 @@ class CSWinStage(nn.Module):
         super().__init__()
         self.embed = embed
         self.blocks = nn.ModuleList(blocks)
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """NCHW in -> tokens and their (H, W) out."""
         x, size = self.embed(x)
         for block in self.blocks:
-            x = block(x, size)
+            x = checkpoint(block, x, size) if self.grad_checkpointing and torch.is_grad_enabled() else block(x, size)
         return x, size
 
 
@@ -233,6 +235,27 @@ class CSWin(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward (timm's ``checkpoint``)."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Layer groups for timm's layer-wise lr decay: the conv stem, then per stage (coarse) or per
+        block; a stage's merge conv joins its first block, its norm its last."""
+        return dict(
+            stem=r"^stages\.0\.embed\.",
+            blocks=r"^stages\.(\d+)\." if coarse else [
+                (r"^stages\.(\d+)\.blocks\.(\d+)\.", None),
+                (r"^stages\.(\d+)\.embed\.", (0,)),
+                (r"^stage_norms\.(\d+)\.", MATCH_PREV_GROUP),
+                (r"^norm\.", MATCH_PREV_GROUP),
+            ],
+        )
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -243,7 +266,11 @@ class CSWin(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _stage_norm(self, index: int) -> nn.Module:
-        return self.norm if index == 3 else self.stage_norms[index]
+        """``norm`` after the last stage; after stages 1-3 the segmentation backbone's stage norms (the
+        classifier has none, so its early maps are the raw stage outputs)."""
+        if index == 3:
+            return self.norm
+        return nn.Identity() if self.stage_norms is None else self.stage_norms[index]
 
     def forward_intermediates(
         self,
@@ -254,12 +281,10 @@ class CSWin(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """NCHW stage outputs, each through its stage LayerNorm (needs ``stage_norms`` for stages 1-3)."""
+        """NCHW stage outputs, each through its stage LayerNorm where the model has one (``_stage_norm``)."""
         if output_fmt != "NCHW":
             raise ValueError(f"CSWin features are NCHW only, got output_fmt={output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        if self.stage_norms is None and any(i < 3 for i in take_indices):
-            raise ValueError("CSWin stage 1-3 features need stage_norms=True (create the model with features_only=True)")
         intermediates = []
         tokens = x
         for i, stage in enumerate(self.stages[: max_index + 1] if stop_early else self.stages):
@@ -346,9 +371,12 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_cswin(variant: str, pretrained: bool = False, **kwargs: Any) -> CSWin:
+    """The variant's architecture; every ``CSWinConfig`` field and ``CSWin`` keyword can be overridden
+    (``timm.create_model("cswin_t", depths=(1, 2, 9, 1), drop_path_rate=0.2)``)."""
+    arch = {f.name: kwargs.pop(f.name) for f in fields(CSWinConfig) if f.name in kwargs}
     return build_with_weights(
         CSWin, variant, pretrained, checkpoint_filter_fn,
-        model_cfg=_CONFIGS[variant],
+        model_cfg=replace(_CONFIGS[variant], **arch),
         feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
         stage_norms=kwargs.get("features_only", False),
         **kwargs,

@@ -52,14 +52,16 @@ import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.encoders import mix_transformer as smp_mit
 from timm.layers import DropPath, LayerNorm2d
-from timm.models import generate_default_cfgs, hrnet, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, hrnet, register_model
+from timm.models._features import feature_take_indices
 from torch import nn
 
 from baselines.cswin import CSWinBlock
 from models.factory import SuiteCfg
 from models.weights import build_with_weights, convert_checkpoint
 
-__all__ = ["HRNetViT", "HRNetViTFeatures", "HRNetViTSettings", "CSWinBranchBlock", "ConvPatchEmbed", "PooledSRAttention"]
+__all__ = ["HRNetViT", "HRNetViTFeatures", "HRNetViTSettings", "CSWinBranchBlock", "ConvPatchEmbed", "PooledSRAttention",
+           "TransformerBranch"]
 
 _ALIGN = 32  # total stride of HRNet's lowest-resolution branch
 
@@ -144,25 +146,73 @@ class ConvPatchEmbed(nn.Sequential):
         super().__init__(nn.Conv2d(channels, channels, 3, padding=1), LayerNorm2d(channels))
 
 
+class TransformerBranch(nn.Sequential):
+    """One branch of an HRNet module: its patch embedding and transformer blocks, each recomputed in
+    backward when ``grad_checkpointing`` is set (timm's ``checkpoint_seq``)."""
+
+    def __init__(self, *blocks: nn.Module):
+        super().__init__(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint_seq(self, x)
+        return super().forward(x)
+
+
+class _CheckpointedBranches:
+    """``set_grad_checkpointing`` for both HRNet-ViT classes (timm's HRNet refuses it): the
+    transformer branches recompute their blocks in backward; stem, stage 1 and fusion do not."""
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for module in self.modules():
+            if isinstance(module, TransformerBranch):
+                module.grad_checkpointing = enable
+
+
 def _pad_to_alignment(x: torch.Tensor) -> torch.Tensor:
     pad_h, pad_w = -x.shape[-2] % _ALIGN, -x.shape[-1] % _ALIGN
     return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
 
 
-class HRNetViT(hrnet.HighResolutionNet):
+def _crop_to_input(features: list[torch.Tensor], size: tuple[int, int], reductions: list[int]) -> list[torch.Tensor]:
+    """Maps of a padded input cropped back to ceil(size / reduction)."""
+    h, w = size
+    return [f[..., : -(-h // r), : -(-w // r)] for f, r in zip(features, reductions)]
+
+
+class HRNetViT(_CheckpointedBranches, hrnet.HighResolutionNet):
     """timm's HRNetV2 classifier, accepting any input size."""
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward_features(_pad_to_alignment(x))
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[Any, list[torch.Tensor]]:
+        """timm's HRNet intermediates (index 0 the stride-2 stem, 1-4 the branches) of the padded
+        input, cropped back to the input's size."""
+        take, _ = feature_take_indices(self.num_branches + 1, indices)
+        out = super().forward_intermediates(_pad_to_alignment(x), indices, norm, stop_early, output_fmt,
+                                            intermediates_only)
+        reductions = [self.feature_info[i]["reduction"] for i in sorted(take)]
+        if intermediates_only:
+            return _crop_to_input(out, x.shape[-2:], reductions)
+        return out[0], _crop_to_input(out[1], x.shape[-2:], reductions)
 
-class HRNetViTFeatures(hrnet.HighResolutionNetFeatures):
+
+class HRNetViTFeatures(_CheckpointedBranches, hrnet.HighResolutionNetFeatures):
     """timm's HRNetV2 branch features (strides 4/8/16/32), accepting any input size."""
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h, w = x.shape[-2:]
-        features = super().forward(_pad_to_alignment(x))
-        return [f[..., : -(-h // r), : -(-w // r)] for f, r in zip(features, self.feature_info.reduction())]
+        return _crop_to_input(super().forward(_pad_to_alignment(x)), x.shape[-2:], self.feature_info.reduction())
 
 
 def _hrnet_cfg(width: int, settings: HRNetViTSettings) -> dict[str, Any]:
@@ -180,7 +230,7 @@ def _set_transformer_branches(model: hrnet.HighResolutionNet, settings: HRNetViT
     for stage in (model.stage2, model.stage3, model.stage4):
         for module in stage:
             module.branches = nn.ModuleList(
-                nn.Sequential(*(_transformer_block(i, channels, settings) for _ in range(settings.blocks_per_branch)))
+                TransformerBranch(*(_transformer_block(i, channels, settings) for _ in range(settings.blocks_per_branch)))
                 for i, channels in enumerate(module.num_in_chs)
             )
     model.init_weights()

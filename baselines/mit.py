@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from segmentation_models_pytorch.encoders import mix_transformer as smp_mit
 from timm.layers import trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._manipulate import MATCH_PREV_GROUP
 from torch import nn
 
 from models.factory import SuiteCfg
@@ -46,10 +47,29 @@ class MiT(smp_mit.MixVisionTransformer):
         if isinstance(self.head, nn.Linear):
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
+        self.grad_checkpointing = False
 
-    def _stage(self, index: int) -> tuple[nn.Module, nn.Module, nn.Module]:
+    def _stage(self, index: int) -> tuple[nn.Module, nn.Sequential, nn.Module]:
         i = index + 1
         return getattr(self, f"patch_embed{i}"), getattr(self, f"block{i}"), getattr(self, f"norm{i}")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward (timm's ``checkpoint_seq``)."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Layer groups for timm's layer-wise lr decay: the stem embedding, then per stage (coarse) or
+        per block; a stage's patch embedding joins its first block, its norm its last."""
+        return dict(
+            stem=r"^patch_embed1\.",
+            blocks=r"^(?:patch_embed|block|norm)(\d+)\." if coarse else [
+                (r"^block(\d+)\.(\d+)\.", None),
+                (r"^patch_embed(\d+)\.", (0,)),
+                (r"^norm(\d+)\.", MATCH_PREV_GROUP),
+            ],
+        )
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -78,7 +98,9 @@ class MiT(smp_mit.MixVisionTransformer):
         last = max_index if stop_early else _STAGES - 1
         for i in range(last + 1):
             patch_embed, blocks, stage_norm = self._stage(i)
-            x = stage_norm(blocks(patch_embed(x))).contiguous()
+            x = patch_embed(x)
+            x = checkpoint_seq(blocks, x) if self.grad_checkpointing and torch.is_grad_enabled() else blocks(x)
+            x = stage_norm(x).contiguous()
             if i in take_indices:
                 intermediates.append(x)
         return intermediates if intermediates_only else (x, intermediates)
@@ -88,8 +110,9 @@ class MiT(smp_mit.MixVisionTransformer):
         """Drop the stages after the last wanted one, and the classifier."""
         take_indices, max_index = feature_take_indices(_STAGES, indices)
         for i in range(max_index + 1, _STAGES):
-            for name in (f"patch_embed{i + 1}", f"block{i + 1}", f"norm{i + 1}"):
-                setattr(self, name, nn.Identity())
+            setattr(self, f"patch_embed{i + 1}", nn.Identity())
+            setattr(self, f"block{i + 1}", nn.Sequential())  # empty: checkpoint_seq runs it too
+            setattr(self, f"norm{i + 1}", nn.Identity())
         if prune_head:
             self.reset_classifier(0, "")
         return take_indices

@@ -14,14 +14,15 @@ refer to it). Beyond the official code:
   stripe widths are the ``window_sizes`` keyword (the paper's Cityscapes b3 uses ``(1, 2, 9, 9)``).
 
 ``timm.create_model("hrvit_b1", features_only=True)`` returns the four branch maps (strides 4, 8, 16,
-32); without it the model is the HRNetV2-style ImageNet classifier of §2.11.
+32); without it the model is the HRNetV2-style ImageNet classifier of §2.11. Each starts as the official
+code starts it (§2.13): the classifier with PyTorch's default init, the backbone with trunc-normal Linears.
 """
 from __future__ import annotations
 
 import functools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -30,6 +31,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._manipulate import MATCH_PREV_GROUP
 from timm.models.resnet import Bottleneck
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -558,8 +560,7 @@ class HRViT(nn.Module):
             dict(num_chs=c, reduction=4 * 2**i, module=f"stages.{len(stages) - 1}.branches.{i}")
             for i, c in enumerate(cfg.channels)
         ]
-        self.head = HRNetV2Head(cfg.channels, num_classes, drop_rate)
-        self.apply(_init_weights)
+        self.head: HRNetV2Head | None = HRNetV2Head(cfg.channels, num_classes, drop_rate)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -572,14 +573,31 @@ class HRViT(nn.Module):
                 module.bn.momentum = 1 - 0.9**0.5 if enable else 0.1
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Layer groups for timm's layer-wise lr decay: the stem, then per module (coarse) or per block
+        depth of a module, whose parallel branches share a depth as they share drop-path rates (§2.4).
+        A module's fusion and patch embeddings join its first blocks, its branch norms its last."""
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.branches\.\d+\.blocks\.(\d+)", None),
+                (r"^stages\.(\d+)\.branches\.\d+\.norm", MATCH_PREV_GROUP),
+                (r"^stages\.(\d+)\.", (0,)),
+            ],
+        )
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
-        return self.head.fc
+        return nn.Identity() if self.head is None else self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new (PyTorch-default initialised) Linear on the 2048 head features; 0 removes it."""
+        if self.head is None and num_classes > 0:
+            raise ValueError("HRViT's classification head was removed by prune_intermediate_layers; "
+                             "create a new model to classify")
         self.num_classes = num_classes
-        self.head.fc = nn.Linear(HEAD_FEATURES, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            _init_weights(self.head.fc)
+        if self.head is not None:
+            self.head.fc = nn.Linear(HEAD_FEATURES, num_classes) if num_classes > 0 else nn.Identity()
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4:
@@ -599,8 +617,10 @@ class HRViT(nn.Module):
             xs = stage(xs)
         return xs
 
-    def forward_head(self, xs: Sequence[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
-        return self.head(xs, pre_logits)
+    def forward_head(self, xs: Sequence[torch.Tensor], pre_logits: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """Logits (or the pooled 2048 features); without a head (pruned) the branch maps unchanged,
+        as timm's pruned models return their unpooled features."""
+        return list(xs) if self.head is None else self.head(xs, pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -625,19 +645,34 @@ class HRViT(nn.Module):
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        """Drop the classification head for feature extraction; every module is needed by every branch."""
-        take, _ = feature_take_indices(NUM_BRANCHES, indices)
+        """Drop the classification head and, in the last module, the branches after the last selected
+        one (dense fusion feeds every branch of the earlier modules into every selected map)."""
+        take, max_index = feature_take_indices(NUM_BRANCHES, indices)
         if prune_head:
-            self.head = None
+            self.head, self.num_classes = None, 0
+            last = self.stages[-1]
+            last.fusion.paths = last.fusion.paths[: max_index + 1]
+            last.branches = last.branches[: max_index + 1]
         return take
 
 
 def _init_weights(module: nn.Module) -> None:
-    """§2.13 (the segmentation backbone's init): Linear trunc_normal(0.02), bias 0; others PyTorch default."""
+    """The official segmentation backbone's ``init_weights`` (§2.13): Linear trunc_normal(0.02), bias 0.
+    Its other layers start as they are built here: norms at weight 1 and bias 0, convolutions at
+    PyTorch's default, the attention BN at zero (HRViTAttn)."""
     if isinstance(module, nn.Linear):
         trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+def _segmentation_backbone(**kwargs: Any) -> HRViT:
+    """HRViT initialised as the official segmentation backbone (the ``features_only`` model).
+    ``HRViT`` itself starts as the official classification code: PyTorch's default init, except
+    the zero-initialised attention BN (§2.13)."""
+    model = HRViT(**kwargs)
+    model.apply(_init_weights)
+    return model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -709,12 +744,15 @@ default_cfgs = generate_default_cfgs({name: _cfg(seg_embed_dim=SEG_EMBED_DIMS[na
 
 
 def _create_hrvit(variant: str, pretrained: bool = False, **kwargs: Any) -> HRViT:
+    """The variant's architecture; every ``HRViTCfg`` field and ``HRViT`` keyword can be overridden
+    (``timm.create_model("hrvit_b1", drop_path_rate=0.2, mlp_ratios=(2, 2, 2, 2))``)."""
+    arch = {f.name: kwargs.pop(f.name) for f in fields(HRViTCfg) if f.name in kwargs}
     return build_with_weights(
-        HRViT,
+        _segmentation_backbone if kwargs.get("features_only") else HRViT,
         variant,
         pretrained,
         checkpoint_filter_fn,
-        model_cfg=MODEL_CFGS[variant],
+        model_cfg=replace(MODEL_CFGS[variant], **arch),
         feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(NUM_BRANCHES))),
         **kwargs,
     )

@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) on HRViT (issue 11): no graph breaks for every ablation switch,
+"""torch.compile(fullgraph=True) on HRViT: no graph breaks for every ablation switch,
 padded stripes and odd input sizes; the inductor-compiled block matches eager.
 
 Compiling a whole model with inductor takes minutes of CPU, so the full-model checks trace with

@@ -446,7 +446,7 @@ def test_grad_checkpointing_matches_plain_backward(b1):
 
 
 def test_inference_then_training_step_at_the_same_shape(b1):
-    """Issue 9 §5: a padding mask first built under inference_mode must not be reused by a later
+    """A padding mask first built under inference_mode must not be reused by a later
     training step at the same shape ("Inference tensors cannot be saved for backward")."""
     model = copy.deepcopy(b1)
     torch.manual_seed(0)  # deterministic

@@ -1,6 +1,6 @@
-"""Registration: what each import makes known to timm, in fresh interpreters (issue 9 §5 regression),
-the per-variant metadata living in timm's pretrained_cfg, and HRNet-ViT built without touching
-timm's or smp's internals."""
+"""Registration: what each import makes known to timm, in fresh interpreters (so that no module the
+test session imported earlier can hide a missing import), the per-variant metadata living in timm's
+pretrained_cfg, and HRNet-ViT built without touching timm's or smp's internals."""
 from __future__ import annotations
 
 import os

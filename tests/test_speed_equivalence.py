@@ -1,4 +1,4 @@
-"""The faster HRViT gives the outputs of the implementation at commit 939eb5d (issue 11): same
+"""The faster HRViT gives the outputs of the implementation at commit 939eb5d: same
 weights, max abs difference <= 1e-5 in fp32 for every variant, ablation switch, window sizes and
 odd input sizes in eval mode; train mode within the old code's own rounding spread
 (tests/fixtures/hrvit_reference.py holds the cases, the tolerances and how the reference was made)."""
