@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reproduce.cli import UsageError
+from reproduce.errors import UsageError
 
 DEFAULT_OUTPUT = Path("results/doctor.json")
 MODEL = "hrvit_b1"

@@ -13,9 +13,10 @@ import torch
 import yaml
 from torch import nn
 
+from reproduce import recipes
 from reproduce.cli import RunStopped, main
+from reproduce.data.pipelines import classification_set
 from reproduce.data.throughput import loader_benchmark
-from reproduce.train import pretrain, recipes
 from reproduce.train.distributed import DistContext
 from reproduce.train.loop import Schedule, StepSampler, Trainer
 
@@ -189,7 +190,7 @@ def test_slurm_scripts_parse_and_launch_refuses_outside_an_allocation():
 def test_randaugment_posterize_to_zero_bits_gives_a_black_image_instead_of_a_crash():
     from PIL import Image
 
-    transform = pretrain.make_dataset([], recipes.profile_recipe("pretrain", "paper"), augment=True).transform
+    transform = classification_set([], recipes.profile_recipe("pretrain", "paper"), augment=True).transform
     ops = [op for t in transform.transforms for op in getattr(t, "ops", []) if op.name.startswith("Posterize")]
     assert ops, "the paper policy has a posterize op"
     image = Image.new("RGB", (8, 8), (200, 100, 50))

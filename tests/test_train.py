@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fault_hooks import hook_env
 from torch import nn
 
 from models.weights import sha256 as weights_sha256
@@ -201,8 +202,8 @@ def test_pretrain_finetune_evaluate_chain(pretrained, tmp_path, capsys):
 
 def test_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_run(pretrained, tmp_path, capsys):
     argv = ["pretrain", *TINY_PRETRAIN, "--data-root", str(pretrained / "data")]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "-m", "reproduce", *argv, "--output", str(tmp_path / "resumed"), "--kill-after-steps", "3"],
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **hook_env("kill_after_steps", "3")}
+    killed = subprocess.run([sys.executable, "-m", "reproduce", *argv, "--output", str(tmp_path / "resumed")],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     assert not (tmp_path / "resumed" / "metrics.json").exists()

@@ -21,12 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-CHECKPOINT_NAME = "checkpoint.pt"
-BEST_NAME = "best.pt"
-WEIGHTS_NAME = "model.safetensors"
-METRICS_NAME = "metrics.json"
-CHECKPOINT_FORMAT = "hrvit-repro-checkpoint/1"
-WEIGHTS_FORMAT = "hrvit-repro-weights/1"
+from reproduce.params import CHECKPOINT_FORMAT, WEIGHTS_FORMAT
 # The description a weights file carries (everything but the tensors and the training state).
 WEIGHTS_META_KEYS = (
     "task", "model", "model_settings", "num_classes", "class_names", "profile", "dataset", "data_source",

@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from reproduce.params import DVCLIVE_DIR
 from reproduce.train.distributed import DistContext
-
-DVCLIVE_DIR = "dvclive"
 
 
 def memory_mb(device: torch.device) -> float:
