@@ -148,7 +148,7 @@ def model_fingerprint(config: ModelConfig) -> dict[str, Any]:
 
     # the models and torch load here, not at start-up: after a cosmetic edit the stage builds no model
     from models.factory import build_model
-    from reproduce.train.engine import model_kwargs  # the kwargs training builds with
+    from reproduce.train.common import model_kwargs  # the kwargs training builds with
 
     settings = {"ablate": list(config.ablate), "window_sizes": list(config.window_sizes) if config.window_sizes else None,
                 "drop_path_rate": DROP_PATH}

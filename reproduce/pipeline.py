@@ -219,7 +219,7 @@ def measure_requests(params: dict[str, Any], table_name: str, fair: bool = False
 def measure_table(params: dict[str, Any], table_name: str, results: Path) -> Path:
     # torch and the models load here, not at start-up: the fingerprint stage must not pay for them
     from reproduce.measure import check_request, measure_request
-    from reproduce.train.engine import git_commit  # the same provenance string as the training runs
+    from reproduce.train.common import git_commit  # the same provenance string as the training runs
 
     commit = git_commit()
     measured: dict[str, dict[str, Any]] = {}

@@ -21,7 +21,7 @@ from models.weights import sha256 as weights_sha256
 from reproduce.cli import main
 from reproduce.tables.status import init_of
 from reproduce.data import layouts
-from reproduce.train import checkpointing, pretrain
+from reproduce.train import checkpointing, tasks
 from reproduce.train.evaluation import slide_logits
 from reproduce.train.seg_metrics import confusion_matrix, scores
 
@@ -266,7 +266,7 @@ def test_the_checkpoint_exists_when_the_final_evaluation_fails(pretrained, tmp_p
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("simulated out-of-memory in evaluation")
 
-    monkeypatch.setattr(pretrain, "evaluate_classification", out_of_memory)
+    monkeypatch.setattr(tasks, "evaluate_classification", out_of_memory)
     with pytest.raises(RuntimeError, match="simulated"):
         main(argv)
     state = checkpointing.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
@@ -282,7 +282,7 @@ def test_best_checkpoint_follows_the_metric_and_history_is_recorded(pretrained, 
     def scripted(*args, **kwargs):
         return {"top1": next(scores), "top5": 100.0, "loss": 1.0, "eval_images": 4}
 
-    monkeypatch.setattr(pretrain, "evaluate_classification", scripted)
+    monkeypatch.setattr(tasks, "evaluate_classification", scripted)
     out = tmp_path / "run"
     assert main(["pretrain", *TINY_PRETRAIN, "--epochs", "2", "--eval-every", "1", "--data-root", str(pretrained / "data"), "--output", str(out)]) == 0
     m = _metrics(out)

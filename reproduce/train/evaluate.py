@@ -26,7 +26,7 @@ from reproduce import recipes
 from reproduce.data.datasets import SEG_DATASETS
 from reproduce.errors import SettingsError
 from reproduce.params import METRICS_NAME, SUITE_FORMAT
-from reproduce.train import distributed, engine
+from reproduce.train import common, distributed
 from reproduce.train.checkpointing import load_run_state, write_metrics
 from reproduce.train.evaluation import EvalOptions
 from reproduce.train.loop import autocast_dtype, precision_name
@@ -64,7 +64,7 @@ def _settings(args: argparse.Namespace, state: dict) -> dict:
         raise SettingsError(f"--ablate {sorted(args.ablate)} does not match the checkpoint's {settings.get('ablate')} (ablations change the weights)")
     if args.window_sizes is not None:
         settings["window_sizes"] = list(args.window_sizes)
-    engine.model_kwargs(state["model"], settings)
+    common.model_kwargs(state["model"], settings)
     return settings
 
 
@@ -105,14 +105,14 @@ def _load_weights(args: argparse.Namespace) -> tuple[nn.Module, dict, recipes.Fi
     if args.num_classes is not None and args.num_classes != classes:
         raise SettingsError(f"the weights predict {args.num_classes} classes; {args.dataset} has {classes}")
     recipe = SEGMENTATION.recipe("paper", args.dataset, args.model, _overrides(args))
-    settings = engine.model_settings(args, 0.0)
+    settings = common.model_settings(args, 0.0)
     try:
         check_model_name(args.model)
     except ValueError as err:
         raise SettingsError(str(err)) from err
     if is_external(args.model):
         raise SettingsError(f"--weights loads suite models only; {args.model} is built outside the suite")
-    model = build_model(args.model, "seg", num_classes=classes, **engine.model_kwargs(args.model, settings))
+    model = build_model(args.model, "seg", num_classes=classes, **common.model_kwargs(args.model, settings))
     try:
         record = load_segmentation_weights(model, args.weights, args.model)
     except WeightsError as err:  # a file of another family or format, of another width, or unreadable
@@ -126,7 +126,7 @@ def _from_checkpoint(args: argparse.Namespace) -> tuple[nn.Module, dict, recipes
         if value is not None:
             raise SettingsError(f"{flag} applies to --weights only; a --checkpoint names its own model and classes")
     state, recipe, settings = _load(args)
-    kwargs = engine.model_kwargs(state["model"], {**settings, "drop_path_rate": 0.0})
+    kwargs = common.model_kwargs(state["model"], {**settings, "drop_path_rate": 0.0})
     model = build_model(state["model"], state["task"], num_classes=state["num_classes"], **kwargs)
     model.load_state_dict(state["model_state"])
     return model, state, recipe, settings
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                   "checkpoint_finished": state["finished"]}
         origin = f"step {state['step']}/{state['total_steps']}"
     ctx = distributed.setup(args.device)
-    engine.configure_threads(recipe.threads)
+    common.configure_threads(recipe.threads)
     try:
         log = Logger(ctx, "evaluate")
         data = task.load_data(args.dataset, args.data_root, recipe, ctx, args.output)
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
             raise SettingsError(f"{args.dataset} at {data.root} has {len(data.class_names)} classes that differ from the checkpoint's {len(class_names)}")
         dataset = task.dataset(data, args.split, recipe, augment=False)
         options = EvalOptions(task.eval_batch(recipe, ctx), recipe.num_workers, autocast_dtype(recipe.amp, ctx.device))
-        model = engine.wrap_model(model, ctx, sync_bn=False, compile_model=args.compile)
+        model = common.wrap_model(model, ctx, sync_bn=False, compile_model=args.compile)
         log.line(f"{name} ({task.task}, {origin}) on {args.dataset} {args.split}: {len(dataset)} images, world {ctx.world_size}")
         result = task.score(model, dataset, ctx, data.class_names, recipe, options)
         log.line(task.summary(result))
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
             metrics = {
                 **result, **source, "wall_time_s": time.time() - start, "task": task.task, "dataset": args.dataset,
                 "split": args.split, "data_source": data.source, "model": name, "model_settings": settings, "recipe": dataclasses.asdict(recipe),
-                "world_size": ctx.world_size, "precision": precision_name(options.dtype), "compile": args.compile, "git_commit": engine.git_commit(),
+                "world_size": ctx.world_size, "precision": precision_name(options.dtype), "compile": args.compile, "git_commit": common.git_commit(),
             }
             write_metrics(args.output / METRICS_NAME, metrics)
             log.line(f"wrote {args.output / METRICS_NAME}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +40,7 @@ from reproduce.data.datasets import SEG_DATASETS, seg_layout
 from reproduce.data.pipelines import classification_set, segmentation_scale, segmentation_set
 from reproduce.data.seg_transforms import IGNORE_INDEX
 from reproduce.errors import SettingsError
-from reproduce.train import engine
+from reproduce.train import common
 from reproduce.train.distributed import DistContext
 from reproduce.train.evaluation import EvalOptions, SegTest, evaluate_classification, evaluate_segmentation
 from reproduce.train.loop import Schedule, make_schedule
@@ -77,7 +78,7 @@ class Prepared:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-class Task:
+class Task(ABC):
     """The interface :func:`engine.fit` and ``evaluate`` run. ``command`` names the CLI subcommand and
     the recipe kind, ``task`` the value checkpoints record, ``metric`` what best.pt maximises."""
 
@@ -88,57 +89,64 @@ class Task:
     default_dataset: str | None = None
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        engine.add_common_arguments(parser, self.command, self.default_dataset)
+        common.add_common_arguments(parser, self.command, self.default_dataset)
 
     def recipe(self, profile: str, dataset: str, model: str, overrides: dict[str, Any] | None = None) -> recipes.CommonRecipe:
         """The recipe ``profile`` resolves for ``model`` on ``dataset`` with ``overrides`` laid over it."""
         return recipes.resolve(recipes.profile_recipe(self.command, profile), overrides or {})
 
+    @abstractmethod
     def validate(self, args: argparse.Namespace) -> tuple[recipes.CommonRecipe, dict[str, Any], int]:
         """Recipe, model settings and per-rank micro-batch; every check runs before any data is read."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load_data(self, name: str, data_root: Path | None, recipe: recipes.CommonRecipe, ctx: DistContext, cache: Path) -> Data:
         """Dataset ``name`` (generated when ``synthetic``), validated, indexed once and cached in ``cache``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def dataset(self, data: Data, split: str, recipe: recipes.CommonRecipe, augment: bool) -> Dataset:
-        raise NotImplementedError
+        """One split of ``data`` with the training pipeline (``augment``) or the test-time transform."""
 
+    @abstractmethod
     def prepare(self, args: argparse.Namespace, recipe: recipes.CommonRecipe, settings: dict[str, Any], ctx: DistContext, log: Logger) -> Prepared:
-        raise NotImplementedError
+        """The model (seeded, with any initial weights) and the data of a run, in the order the task needs."""
 
+    @abstractmethod
     def paper_batch(self, dataset: str) -> int:
         """The global batch the paper's learning rate is given at (``--lr-scale linear`` scales from it)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def optimizer(self, model: nn.Module, recipe: recipes.CommonRecipe, lr: float) -> torch.optim.Optimizer:
-        raise NotImplementedError
+        """The optimizer over ``model``'s parameters at base learning rate ``lr``."""
 
+    @abstractmethod
     def schedule(self, ctx: DistContext, train_len: int, micro: int, recipe: recipes.CommonRecipe) -> Schedule:
-        raise NotImplementedError
+        """The run laid out in optimizer steps."""
 
+    @abstractmethod
     def scheduler(self, optimizer: torch.optim.Optimizer, recipe: recipes.CommonRecipe, sched: Schedule, lr: float) -> Any:
         """A timm scheduler: ``step(epoch)`` and ``step_update(num_updates)``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def loss(self, recipe: recipes.CommonRecipe, ctx: DistContext, num_classes: int) -> LossFn:
-        raise NotImplementedError
+        """``loss_fn(model, batch)``: a micro-batch's loss, the batch moved to the rank's device."""
 
+    @abstractmethod
     def eval_every_steps(self, recipe: recipes.CommonRecipe, sched: Schedule) -> int:
         """Optimizer steps between periodic evaluations (0: only the final one)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def eval_batch(self, recipe: recipes.CommonRecipe, ctx: DistContext) -> int:
-        raise NotImplementedError
+        """Images (classification) or sliding windows (segmentation) per forward pass on each rank."""
 
+    @abstractmethod
     def score(self, model: nn.Module, dataset: Dataset, ctx: DistContext, class_names: list[str], test_recipe: recipes.CommonRecipe,
               options: EvalOptions) -> dict[str, Any]:
-        raise NotImplementedError
+        """The task's metrics of ``model`` on the whole of ``dataset`` (every rank scores a shard)."""
 
+    @abstractmethod
     def summary(self, result: dict[str, Any]) -> str:
         """The evaluation's log line."""
-        raise NotImplementedError
 
     def fit_summary(self, result: dict[str, Any]) -> str:
         """The log line of an evaluation during training."""
@@ -169,19 +177,19 @@ class Classification(Task):
             raise SettingsError("--dataset imagenet needs --data-root (the folder holding train/ and val/)")
         if args.dataset == "imagenet" and not args.data_root.is_dir():
             raise SettingsError(f"--data-root {args.data_root} does not exist (expected the folder holding train/ and val/)")
-        micro = engine.validate_common(args.model, recipe)
-        engine.check_multiple_of_32("--image-size", recipe.image_size)
+        micro = common.validate_common(args.model, recipe)
+        common.check_multiple_of_32("--image-size", recipe.image_size)
         if (recipe.mixup > 0 or recipe.cutmix > 0) and micro % 2:
             raise SettingsError(f"Mixup/CutMix in batch mode needs an even per-rank micro-batch, got {micro}")
-        settings = engine.model_settings(args, recipe.drop_path)
-        engine.model_kwargs(args.model, settings)  # rejects HRViT-only options on other models
+        settings = common.model_settings(args, recipe.drop_path)
+        common.model_kwargs(args.model, settings)  # rejects HRViT-only options on other models
         if args.dataset == "synthetic" and not recipe.synthetic_size:
             raise SettingsError("--synthetic-size must be >= 1")
         return recipe, settings, micro
 
     def load_data(self, name: str, data_root: Path | None, recipe: recipes.PretrainRecipe, ctx: DistContext, cache: Path) -> Data:
-        root = engine.dataset_root(name, data_root, ctx, "cls", (recipe.seed, recipe.synthetic_size, recipe.image_size))
-        index = engine.data_index(ctx, "imagenet", root, ("train", "val"), cache)
+        root = common.dataset_root(name, data_root, ctx, "cls", (recipe.seed, recipe.synthetic_size, recipe.image_size))
+        index = common.data_index(ctx, "imagenet", root, ("train", "val"), cache)
         classes, train = layouts.class_samples(index, root, "train")
         return Data(name, root, classes, {"train": train, "val": layouts.class_samples(index, root, "val")[1]}, index["digest"])
 
@@ -193,8 +201,8 @@ class Classification(Task):
         train_set, val_set = self.dataset(data, "train", recipe, True), self.dataset(data, "val", recipe, False)
         log.line(f"{args.model} on {args.dataset} ({data.source}): {len(train_set)} train / {len(val_set)} val images, "
                  f"{len(data.class_names)} classes, world {ctx.world_size}")
-        engine.seed_everything(recipe.seed)  # identical initial weights on every rank
-        model = build_model(args.model, "cls", num_classes=len(data.class_names), drop_rate=recipe.head_drop, **engine.model_kwargs(args.model, settings))
+        common.seed_everything(recipe.seed)  # identical initial weights on every rank
+        model = build_model(args.model, "cls", num_classes=len(data.class_names), drop_rate=recipe.head_drop, **common.model_kwargs(args.model, settings))
         return Prepared(model, data, train_set, val_set)
 
     def paper_batch(self, dataset: str) -> int:
@@ -363,9 +371,9 @@ class Segmentation(Task):
             raise SettingsError(f"finetune --dataset must be one of {', '.join(self.datasets)}, got {args.dataset!r}")
         self.check_data_root(args.dataset, args.data_root)
         recipe = self.recipe(args.profile, args.dataset, args.model, recipes.overrides_from_args(args, self.command))
-        micro = engine.validate_common(args.model, recipe)
-        engine.check_multiple_of_32("--crop-size", recipe.crop_size)
-        engine.check_multiple_of_32("--test-crop", recipe.test_crop)
+        micro = common.validate_common(args.model, recipe)
+        common.check_multiple_of_32("--crop-size", recipe.crop_size)
+        common.check_multiple_of_32("--test-crop", recipe.test_crop)
         if not 0 < recipe.test_stride <= recipe.test_crop:
             raise SettingsError(f"--test-stride must be in 1..test crop ({recipe.test_crop}), got {recipe.test_stride}")
         scale = segmentation_scale(args.dataset, recipe.crop_size)
@@ -379,16 +387,16 @@ class Segmentation(Task):
             raise SettingsError(f"--data-root {args.data_root} does not exist (expected the {args.dataset} root)")
         if args.pretrained is not None and not args.pretrained.is_file():
             raise SettingsError(f"--pretrained {args.pretrained} does not exist (expected a pretrain run's checkpoint.pt or model.safetensors, or a downloaded checkpoint)")
-        settings = engine.model_settings(args, recipe.drop_path)
-        engine.model_kwargs(args.model, settings)
+        settings = common.model_settings(args, recipe.drop_path)
+        common.model_kwargs(args.model, settings)
         if args.pretrained is not None:
             pretrain_run(read_pretrained(args.pretrained, args.model), args.pretrained, args.model, settings)
         return recipe, settings, micro
 
     def load_data(self, name: str, data_root: Path | None, recipe: recipes.FinetuneRecipe, ctx: DistContext, cache: Path) -> Data:
-        root = engine.dataset_root(name, data_root, ctx, "seg", (recipe.seed, recipe.synthetic_size, recipe.crop_size))
+        root = common.dataset_root(name, data_root, ctx, "seg", (recipe.seed, recipe.synthetic_size, recipe.crop_size))
         info = SEG_DATASETS[name]
-        index = engine.data_index(ctx, seg_layout(name), root, info.splits, cache)
+        index = common.data_index(ctx, seg_layout(name), root, info.splits, cache)
         samples = {split: layouts.seg_samples(index, root, folder) for split, folder in zip(("train", "val"), info.splits)}
         return Data(name, root, list(info.class_names), samples, index["digest"])
 
@@ -398,9 +406,9 @@ class Segmentation(Task):
     def prepare(self, args: argparse.Namespace, recipe: recipes.FinetuneRecipe, settings: dict[str, Any], ctx: DistContext, log: Logger) -> Prepared:
         # The model and its weights come first, so that a file that does not fit fails before any data is
         # made or indexed (the data is generated from its own seeds: the order leaves every number unchanged).
-        engine.seed_everything(recipe.seed)
+        common.seed_everything(recipe.seed)
         num_classes = SEG_DATASETS[args.dataset].num_classes
-        model = build_model(args.model, "seg", num_classes=num_classes, **engine.model_kwargs(args.model, settings))
+        model = build_model(args.model, "seg", num_classes=num_classes, **common.model_kwargs(args.model, settings))
         init, pretrained = load_pretrained_backbone(model, args.pretrained, args.model, settings) if args.pretrained else (RANDOM_INIT, None)
         if args.pretrained:
             log.line(f"backbone initialised from {args.pretrained} ({init['format']}, sha256 {init['sha256'][:12]})")
