@@ -17,6 +17,8 @@ import torch
 import yaml
 from torch import nn
 
+from models.weights import FORMATS, SUITE_FORMATS
+from reproduce import params as suite_params
 from reproduce import recipes
 from reproduce.cli import RunStopped, main
 from reproduce.data.pipelines import classification_set
@@ -256,6 +258,12 @@ def test_the_layers_import_top_down_without_a_circle():
             if name == layer or name.startswith(layer + "."):
                 up = [t for t in targets if t.startswith(forbidden) and t != "reproduce.errors"]
                 assert not up, f"{name} imports {up}, a higher layer"
+
+
+def test_the_suite_formats_agree_between_the_models_and_the_run_files():
+    """models.weights (which cannot import reproduce) detects the formats the run files are written in."""
+    assert suite_params.SUITE_FORMAT == FORMATS[0]
+    assert {suite_params.CHECKPOINT_FORMAT, suite_params.WEIGHTS_FORMAT} == set(SUITE_FORMATS)
 
 
 # ------------------------------------------------------------------ SLURM

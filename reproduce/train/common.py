@@ -107,6 +107,11 @@ def configure_determinism(deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
+def use_sync_bn(recipe: recipes.CommonRecipe, ctx: DistContext) -> bool:
+    """SyncBN when the recipe asks for it and it can run: several processes on GPUs."""
+    return recipe.sync_bn and ctx.distributed and ctx.device.type == "cuda"
+
+
 def wrap_model(model: nn.Module, ctx: DistContext, sync_bn: bool, compile_model: bool) -> nn.Module:
     """Move to the rank's device, convert BN to SyncBN when asked, compile in place (state-dict keys
     unchanged) when asked, and wrap in DDP when distributed."""

@@ -31,7 +31,7 @@ from reproduce import recipes
 from reproduce.errors import SettingsError
 from reproduce.params import BEST_NAME, CHECKPOINT_FORMAT, CHECKPOINT_NAME, METRICS_NAME, WEIGHTS_NAME
 from reproduce.train.checkpointing import identity_diff, load_checkpoint, run_fingerprint, save_checkpoint, save_weights, write_metrics
-from reproduce.train.common import configure_determinism, configure_threads, git_commit, wrap_model
+from reproduce.train.common import configure_determinism, configure_threads, git_commit, use_sync_bn, wrap_model
 from reproduce.train.distributed import DistContext, average_bn_stats, barrier, gather_digests, setup, teardown
 from reproduce.train.evaluation import EvalOptions
 from reproduce.train.loop import Preemption, Schedule, Trainer, autocast_dtype, precision_name, step_batches, stopped, unwrap
@@ -41,7 +41,7 @@ from reproduce.train.tasks import Task
 STEP_HOOK_ENV = "REPRODUCE_STEP_HOOK"
 StepHook = Callable[[int, int], None]
 
-# --------------------------------------------------------------------------- options
+# --------------------------------------------------------------------------- learning rate and step hooks
 
 
 def effective_lr(recipe: recipes.CommonRecipe, paper_batch: int) -> float:
@@ -61,19 +61,12 @@ def step_hook_from_env() -> StepHook | None:
         raise SettingsError(f"{STEP_HOOK_ENV}={spec!r} does not name a function as module:function ({err}); unset it") from err
 
 
-# --------------------------------------------------------------------------- set-up
-
-
-def use_sync_bn(recipe: recipes.CommonRecipe, ctx: DistContext) -> bool:
-    return recipe.sync_bn and ctx.distributed and ctx.device.type == "cuda"
-
-
 # --------------------------------------------------------------------------- the run
 
 
 @dataclass
 class RunSpec:
-    """What :func:`run_training` needs from pretrain or finetune.
+    """What :func:`run_training` needs; :func:`fit` assembles it from a task.
 
     ``identity``: everything that determines the run's numbers besides the recipe (task, model,
     settings, dataset, data digest, init); ``description``: what the weights file also records
