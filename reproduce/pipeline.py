@@ -1,7 +1,7 @@
 """Glue between params.yaml and the suite's commands, for the DVC stages in dvc.yaml.
 
 ``python -m reproduce.pipeline pretrain RUN`` / ``finetune DATASET RUN`` look the run and the active
-profile's recipe up in params.yaml, print the equivalent ``python -m reproduce ...`` command line and run
+profile's recipe up in params.yaml (read and checked by ``reproduce.params``), print the equivalent ``python -m reproduce ...`` command line and run
 it in this process (so a ``torchrun ... -m reproduce.pipeline`` launcher starts every rank the same way).
 ``python -m reproduce.pipeline measure TABLE`` measures every row of a table in one process and writes
 ``results/measure/TABLE.json``; ``fingerprint`` writes the semantic dependencies of the measure and
