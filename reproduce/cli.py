@@ -5,15 +5,20 @@ Only the chosen module is imported, so ``--help`` and light subcommands stay fas
 
 Bad input is reported as one ``error:`` line (plus, where it helps, the expected layout) with exit
 status 2 and no traceback: commands raise :class:`UsageError` for it. A run that stops on purpose
-(a signal, a non-finite loss) raises :class:`RunStopped` with its message and exit status.
+(a signal, a non-finite loss) raises :class:`RunStopped` with its message and exit status. Both live in
+``reproduce.errors`` (so that low layers can raise them) and are importable from here too.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from typing import Sequence
+
+from reproduce.errors import RunStopped, UsageError
+from reproduce.params import is_main_process
+
+__all__ = ["SUBCOMMANDS", "RunStopped", "UsageError", "main"]
 
 # name -> (module, one-line help). The module is imported only when its subcommand runs.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -26,23 +31,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tables": ("reproduce.tables", "regenerate the paper's tables, Figure 5 and the claims ledger"),
     "plan": ("reproduce.plan", "estimated GPU-hours, wall time and disk of the paper profile's training stages"),
 }
-
-
-class UsageError(ValueError):
-    """A setting, name, path or dataset layout that cannot work: one ``error:`` line, exit status 2."""
-
-
-class RunStopped(Exception):
-    """A run that ended early on purpose (signal, non-finite loss): ``message`` and exit ``status``."""
-
-    def __init__(self, message: str, status: int):
-        super().__init__(message)
-        self.status = status
-
-
-def _is_main_process() -> bool:
-    """Rank 0 under torchrun (every rank raises the same error; one line is enough)."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _top_level_parser() -> argparse.ArgumentParser:
@@ -74,15 +62,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except UsageError as err:
-        if _is_main_process():
+        if is_main_process():
             print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     except RunStopped as err:
-        if _is_main_process():
+        if is_main_process():
             print(f"{parser.prog}: {err}", file=sys.stderr)
         return err.status
     except KeyboardInterrupt:  # a Ctrl-C outside the training loop (which saves and raises RunStopped)
-        if _is_main_process():
+        if is_main_process():
             print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from reproduce.cli import UsageError
+from reproduce.errors import UsageError
 
 DEFAULT_OUTPUT = Path("results/doctor.json")
 MODEL = "hrvit_b1"

@@ -35,10 +35,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
-from reproduce.pipeline import RUN_KINDS, init_file, runs_of
+from reproduce.params import RUN_KINDS, init_file, runs_of
 
 # The code a training run executes besides the model (which the model fingerprints cover).
-CODE_PATHS = ("reproduce/train", "reproduce/data", "reproduce/cli.py", "reproduce/pipeline.py")
+CODE_PATHS = ("reproduce/train", "reproduce/data", "reproduce/cli.py", "reproduce/pipeline.py", "reproduce/recipes.py",
+              "reproduce/params.py", "reproduce/errors.py")
 MODEL_CODE_PATHS = ("models", "baselines", "reproduce/fingerprint.py")  # memo key of the model fingerprints
 # What a measure stage runs: the models and the FLOP ledger (a refactor that keeps outputs but swaps a
 # counted op for an uncounted one changes the ledger, so here the syntax tree is the fingerprint).
@@ -145,8 +146,9 @@ def model_fingerprint(config: ModelConfig) -> dict[str, Any]:
     would not see the attention code at all."""
     import torch
 
+    # the models and torch load here, not at start-up: after a cosmetic edit the stage builds no model
     from models.factory import build_model
-    from reproduce.train.engine import model_kwargs  # the kwargs training builds with
+    from reproduce.train.common import model_kwargs  # the kwargs training builds with
 
     settings = {"ablate": list(config.ablate), "window_sizes": list(config.window_sizes) if config.window_sizes else None,
                 "drop_path_rate": DROP_PATH}

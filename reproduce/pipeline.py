@@ -1,7 +1,7 @@
 """Glue between params.yaml and the suite's commands, for the DVC stages in dvc.yaml.
 
 ``python -m reproduce.pipeline pretrain RUN`` / ``finetune DATASET RUN`` look the run and the active
-profile's recipe up in params.yaml, print the equivalent ``python -m reproduce ...`` command line and run
+profile's recipe up in params.yaml (read and checked by ``reproduce.params``), print the equivalent ``python -m reproduce ...`` command line and run
 it in this process (so a ``torchrun ... -m reproduce.pipeline`` launcher starts every rank the same way).
 ``python -m reproduce.pipeline measure TABLE`` measures every row of a table in one process and writes
 ``results/measure/TABLE.json``; ``fingerprint`` writes the semantic dependencies of the measure and
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shlex
 import shutil
 import statistics
@@ -30,198 +29,17 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-import yaml
+from reproduce.cli import main as reproduce_main
+from reproduce.fingerprint import write_fingerprints
+from reproduce.params import (
+    CHECKPOINT_NAME, DVCLIVE_DIR, METRICS_NAME, RUN_KINDS, STAGE_STATE, WEIGHTS_NAME, ParamsError, active_recipe, check_launcher,
+    init_file, is_main_process, load_params, lookup, run_dir, seed_dir, seeds,
+)
+from reproduce.tables.spec import TABLES, resolve
 
-RUN_KINDS = ("pretrain", "cityscapes", "ade20k")
-DATASETS = {"pretrain": "imagenet", "cityscapes": "cityscapes", "ade20k": "ade20k"}
 # The tables compare the paper convention and show fvcore for reference; torch's counter (2 FLOPs per
 # multiply-add) would add a third forward pass per model for a number that is fvcore's doubled.
 MEASURE_CONVENTIONS = ("paper", "fvcore")
-PROFILES = ("smoke", "paper", "proxy")
-# Profiles whose runs are real training: refused under a one-thread launcher.
-HEAVY_PROFILES = ("paper",)
-CHECKPOINT = "checkpoint.pt"
-STAGE_STATE = ".stage.json"  # which command and dependencies the checkpoint beside it belongs to
-WEIGHTS, METRICS, DVCLIVE = "model.safetensors", "metrics.json", "dvclive"
-
-
-class ParamsError(ValueError):
-    """params.yaml lacks something a stage needs, or holds a value it cannot use."""
-
-
-# ----------------------------------------------------------------------------------------- params
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ParamsError(message)
-
-
-def _is_int_list(value: Any, length: int | None = None) -> bool:
-    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value) \
-        and (length is None or len(value) == length)
-
-
-def validate_params(params: Any, path: Path = Path("params.yaml")) -> dict[str, Any]:
-    """Check the structure every stage relies on, before any work: a bad value is named with its key."""
-    _require(isinstance(params, dict), f"{path}: expected a YAML mapping")
-    profile = params.get("profile")
-    _require(profile in PROFILES, f"{path}: profile must be one of {', '.join(PROFILES)}, got {profile!r} "
-             "(set it with `dvc exp run -S profile=paper`)")
-    launcher = params.get("launcher")
-    _require(isinstance(launcher, str) and launcher.split(), f"{path}: launcher must be a command such as "
-             "'env OMP_NUM_THREADS=1 python' or 'torchrun --standalone --nproc_per_node=8'")
-    recipes = params.get("recipes")
-    _require(isinstance(recipes, dict) and isinstance(recipes.get(profile), dict), f"{path}: no recipes.{profile} section")
-    recipe = recipes[profile]
-    for section in ("data", *RUN_KINDS):
-        _require(isinstance(recipe.get(section), dict), f"{path}: recipes.{profile}.{section} must be a mapping")
-    for kind, dataset in DATASETS.items():
-        data = recipe["data"].get(dataset)
-        _require(isinstance(data, dict) and "dataset" in data and "root" in data,
-                 f"{path}: recipes.{profile}.data.{dataset} must be {{dataset: NAME, root: PATH or null}}")
-    seeds = recipe.get("seeds")
-    _require(seeds is None or (_is_int_list(seeds) and seeds and len(set(seeds)) == len(seeds)),
-             f"{path}: recipes.{profile}.seeds must be null or a list of distinct integers, got {seeds!r}")
-    for kind in RUN_KINDS:
-        runs = params.get(kind)
-        _require(isinstance(runs, dict) and runs, f"{path}: {kind} must map run names to entries")
-        for run, entry in runs.items():
-            where = f"{path}: {kind}.{run}"
-            _require(isinstance(entry, dict), f"{where} must be a mapping")
-            _require(isinstance(entry.get("recipe", {}), dict), f"{where}.recipe must map flags to values")
-            if kind == "pretrain":
-                _require(isinstance(entry.get("model"), str), f"{where}.model must be a model name")
-                _require(isinstance(entry.get("ablate", []), list), f"{where}.ablate must be a list (e.g. [mixcfn])")
-            else:
-                _require(entry.get("init") in params["pretrain"], f"{where}.init must name a pretrain run, got {entry.get('init')!r}")
-                windows = entry.get("window-sizes")
-                _require(windows is None or _is_int_list(windows, 4), f"{where}.window-sizes must be four integers, got {windows!r}")
-    _check_from_file(params, path)
-    _check_recipes(params, path)
-    _check_extra_rows(params, path)
-    return params
-
-
-def _check_extra_rows(params: dict[str, Any], path: Path) -> None:
-    """``extra_rows: {TABLE: [{label, model, flop_family?, runs?: {column: run}}]}``: a user's own rows."""
-    from models.factory import check_model_name
-    from reproduce.tables.spec import ACCURACY_COLUMNS, EXTRA_ROW_KEYS, EXTRA_TABLES, TABLES
-
-    extra = params.get("extra_rows") or {}
-    _require(isinstance(extra, dict), f"{path}: extra_rows must map table names to lists of rows")
-    for table, rows in extra.items():
-        _require(table in EXTRA_TABLES, f"{path}: extra_rows.{table}: rows can join {', '.join(EXTRA_TABLES)}")
-        _require(isinstance(rows, list), f"{path}: extra_rows.{table} must be a list of rows (or [])")
-        labels = {row.label for row in TABLES[table].rows}
-        for i, row in enumerate(rows):
-            where = f"{path}: extra_rows.{table}[{i}]"
-            _require(isinstance(row, dict) and isinstance(row.get("label"), str) and isinstance(row.get("model"), str)
-                     and not set(row) - EXTRA_ROW_KEYS,
-                     f"{where} must be {{label: TEXT, model: NAME, flop_family: hrvit|mit|cswin, runs: {{COLUMN: RUN}}}}, "
-                     f"got {row!r}")
-            _require(row["label"] not in labels, f"{where}.label {row['label']!r} is already a row of {table}; pick another")
-            labels.add(row["label"])
-            try:
-                check_model_name(row["model"])
-            except ValueError as err:
-                raise ParamsError(f"{where}.model: {err}") from None
-            _require(row.get("flop_family") in (None, "hrvit", "mit", "cswin"),
-                     f"{where}.flop_family must be hrvit, mit or cswin (the paper-convention counting rule)")
-            runs = row.get("runs") or {}
-            _require(isinstance(runs, dict), f"{where}.runs must map accuracy columns to run names")
-            for column, run in runs.items():
-                _require(column in TABLES[table].columns and column in ACCURACY_COLUMNS,
-                         f"{where}.runs: {table} has no accuracy column {column!r}; its columns: "
-                         f"{', '.join(c for c in TABLES[table].columns if c in ACCURACY_COLUMNS)}")
-                kind = ACCURACY_COLUMNS[column]
-                _require(run in runs_of(params, kind), f"{where}.runs.{column}: no {kind} run {run!r} in {path} (add one whose "
-                         f"model is {row['model']})")
-
-
-def _check_from_file(params: dict[str, Any], path: Path) -> None:
-    """``from_file: {cityscapes|ade20k: {RUN: {model, init: {file: PATH}, ...}}}``: fine-tunes that start from a
-    weights file (any format ``finetune --pretrained`` reads) instead of a pretrain run."""
-    sections = params.get("from_file") or {}
-    _require(isinstance(sections, dict) and set(sections) <= set(RUN_KINDS[1:]),
-             f"{path}: from_file must map cityscapes/ade20k to runs, got {sections!r}")
-    for kind, runs in sections.items():
-        _require(isinstance(runs, dict), f"{path}: from_file.{kind} must map run names to entries (or {{}})")
-        for run, entry in runs.items():
-            where = f"{path}: from_file.{kind}.{run}"
-            _require(run not in params[kind], f"{where}: {kind} already has a run {run!r}; run names must be unique")
-            _require(isinstance(entry, dict) and isinstance(entry.get("model"), str)
-                     and isinstance(entry.get("init"), dict) and isinstance(entry["init"].get("file"), str),
-                     f"{where} must be {{model: NAME, init: {{file: PATH}}}} (e.g. {{model: mit_b1, init: {{file: "
-                     f"weights/mit_b1.pth}}}}), got {entry!r}")
-            _require(isinstance(entry.get("recipe", {}), dict), f"{where}.recipe must map flags to values")
-            _require(isinstance(entry.get("ablate", []), list), f"{where}.ablate must be a list (e.g. [mixcfn])")
-            windows = entry.get("window-sizes")
-            _require(windows is None or _is_int_list(windows, 4), f"{where}.window-sizes must be four integers, got {windows!r}")
-
-
-def runs_of(params: dict[str, Any], kind: str) -> dict[str, Any]:
-    """Every run of a kind: its section, plus (fine-tuning) the runs of ``from_file.<kind>``."""
-    runs = dict(params.get(kind) or {})
-    if kind != "pretrain":
-        runs.update((params.get("from_file") or {}).get(kind) or {})
-    return runs
-
-
-def init_file(entry: dict[str, Any]) -> str | None:
-    """The weights file a fine-tuning entry starts from (``init: {file: PATH}``), or None (a pretrain run)."""
-    init = entry.get("init")
-    return init.get("file") if isinstance(init, dict) else None
-
-
-def _check_recipes(params: dict[str, Any], path: Path) -> None:
-    """Recipe keys and values, by the training engine's own rules (the flags of pretrain/finetune)."""
-    from reproduce.train.recipes import validate_recipe
-
-    profile = params["profile"]
-    sections = [(f"recipes.{profile}.{kind}", kind, params["recipes"][profile][kind]) for kind in RUN_KINDS]
-    sections += [(f"{kind}.{run}.recipe", kind, entry["recipe"]) for kind in RUN_KINDS
-                 for run, entry in runs_of(params, kind).items() if entry.get("recipe")]
-    for where, kind, mapping in sections:
-        try:
-            validate_recipe(kind, mapping)
-        except ValueError as err:
-            raise ParamsError(f"{path}: {where}: {err}") from None
-
-
-def load_params(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ParamsError(f"{path} not found: run from the repository root or pass --params")
-    try:
-        params = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from err
-    return validate_params(params, path)
-
-
-def check_launcher(params: dict[str, Any]) -> None:
-    """A paper-profile run under the smoke launcher would train for months on one CPU thread."""
-    launcher = params["launcher"]
-    if params["profile"] in HEAVY_PROFILES and "torchrun" not in launcher and "OMP_NUM_THREADS=1" in launcher:
-        raise ParamsError(
-            f"profile {params['profile']} under launcher {launcher!r} (one CPU thread); set the launcher, e.g. "
-            "dvc exp run -S profile=paper -S 'launcher=torchrun --standalone --nproc_per_node=8'"
-        )
-
-
-def lookup(params: dict[str, Any], kind: str, run: str) -> dict[str, Any]:
-    runs = runs_of(params, kind)
-    if run not in runs:
-        raise ParamsError(f"params.yaml has no {kind} run {run!r}; defined: {', '.join(runs)}")
-    return runs[run] or {}
-
-
-def active_recipe(params: dict[str, Any]) -> dict[str, Any]:
-    return params["recipes"][params["profile"]]
-
-
-def seeds(params: dict[str, Any]) -> list[int] | None:
-    """The seeds a seeded profile (e.g. proxy) trains every run with, or None for one run per stage."""
-    return active_recipe(params).get("seeds")
 
 
 # ----------------------------------------------------------------------------------------- commands
@@ -248,14 +66,6 @@ def dataset_flags(params: dict[str, Any], dataset: str) -> list[str]:
     return flags({"dataset": data["dataset"], "data-root": data.get("root")})
 
 
-def run_dir(results: Path, kind: str, run: str) -> Path:
-    return results / "pretrain" / run if kind == "pretrain" else results / "finetune" / kind / run
-
-
-def seed_dir(output: Path, seed: int | None) -> Path:
-    return output if seed is None else output / f"seed-{seed}"
-
-
 def pretrain_argv(params: dict[str, Any], run: str, results: Path, seed: int | None = None) -> list[str]:
     entry = lookup(params, "pretrain", run)
     recipe = {**active_recipe(params)["pretrain"], **(entry.get("recipe") or {}), **({} if seed is None else {"seed": seed})}
@@ -274,7 +84,7 @@ def finetune_argv(params: dict[str, Any], dataset: str, run: str, results: Path,
                               "(README: Published weights and your own model) or fix the path in params.yaml")
     else:
         init = lookup(params, "pretrain", entry["init"])
-        pretrained = seed_dir(run_dir(results, "pretrain", entry["init"]), seed) / WEIGHTS  # seed s starts from pretrain seed s
+        pretrained = seed_dir(run_dir(results, "pretrain", entry["init"]), seed) / WEIGHTS_NAME  # seed s starts from pretrain seed s
     return ["finetune", "--model", init["model"], "--profile", params["profile"], *dataset_flags(params, dataset),
             *flags({"ablate": init.get("ablate") or [], "window-sizes": entry.get("window-sizes") or []}), *flags(recipe),
             "--pretrained", str(pretrained), "--output", str(seed_dir(run_dir(results, dataset, run), seed))]
@@ -304,37 +114,33 @@ def _read_state(output: Path) -> dict[str, Any]:
         return {}
 
 
-def is_main_rank() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def prepare_output(output: Path, key: str, timeout_s: float = 300.0) -> None:
     """Keep ``checkpoint.pt`` only if it belongs to an unfinished run of this very command (a preempted
     stage resumes); otherwise move it to ``stale/`` so the run starts clean instead of being refused.
     Rank 0 does it; other ranks wait until it is done (no process group exists yet)."""
-    if not is_main_rank():
+    if not is_main_process():
         deadline = time.time() + timeout_s
         while _read_state(output) != {"key": key, "finished": False}:
             if time.time() > deadline:
                 raise ParamsError(f"rank 0 did not prepare {output} within {timeout_s:.0f} s (is the folder shared by all nodes?)")
             time.sleep(0.5)
         return
-    ckpt, state_file = output / CHECKPOINT, output / STAGE_STATE
+    ckpt, state_file = output / CHECKPOINT_NAME, output / STAGE_STATE
     state = _read_state(output)
     if ckpt.is_file() and (state.get("key") != key or state.get("finished")):
         (output / "stale").mkdir(exist_ok=True)
-        ckpt.replace(output / "stale" / CHECKPOINT)
-        print(f"moved {ckpt} of another or finished run to {output / 'stale' / CHECKPOINT}", flush=True)
+        ckpt.replace(output / "stale" / CHECKPOINT_NAME)
+        print(f"moved {ckpt} of another or finished run to {output / 'stale' / CHECKPOINT_NAME}", flush=True)
     output.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps({"key": key, "finished": False}) + "\n")
 
 
 def finish_output(output: Path, key: str, keep_checkpoint: bool) -> None:
-    if not is_main_rank():
+    if not is_main_process():
         return
     (output / STAGE_STATE).write_text(json.dumps({"key": key, "finished": True}) + "\n")
-    if not keep_checkpoint and (output / CHECKPOINT).is_file():
-        (output / CHECKPOINT).unlink()
+    if not keep_checkpoint and (output / CHECKPOINT_NAME).is_file():
+        (output / CHECKPOINT_NAME).unlink()
 
 
 def aggregate_metrics(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -355,19 +161,17 @@ def aggregate_metrics(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
 def collect_seeds(output: Path, seed_list: list[int]) -> None:
     """The stage's own outputs from its seed runs: aggregated metrics, the first seed's weights and curves."""
     first = seed_dir(output, seed_list[0])
-    per_seed = {s: json.loads((seed_dir(output, s) / METRICS).read_text()) for s in seed_list}
-    (output / METRICS).write_text(json.dumps(aggregate_metrics(per_seed), indent=2, sort_keys=True) + "\n")
-    (output / WEIGHTS).unlink(missing_ok=True)  # may be a read-only link into DVC's cache
-    shutil.copyfile(first / WEIGHTS, output / WEIGHTS)
-    if (first / DVCLIVE).is_dir():
-        shutil.rmtree(output / DVCLIVE, ignore_errors=True)
-        shutil.copytree(first / DVCLIVE, output / DVCLIVE)
+    per_seed = {s: json.loads((seed_dir(output, s) / METRICS_NAME).read_text()) for s in seed_list}
+    (output / METRICS_NAME).write_text(json.dumps(aggregate_metrics(per_seed), indent=2, sort_keys=True) + "\n")
+    (output / WEIGHTS_NAME).unlink(missing_ok=True)  # may be a read-only link into DVC's cache
+    shutil.copyfile(first / WEIGHTS_NAME, output / WEIGHTS_NAME)
+    if (first / DVCLIVE_DIR).is_dir():
+        shutil.rmtree(output / DVCLIVE_DIR, ignore_errors=True)
+        shutil.copytree(first / DVCLIVE_DIR, output / DVCLIVE_DIR)
 
 
 def train_stage(params: dict[str, Any], kind: str, run: str, results: Path) -> int:
     """One training stage: one run, or one run per seed of a seeded profile, each resumable."""
-    from reproduce.cli import main as reproduce_main
-
     output = run_dir(results, kind, run)
     fingerprints = [results / "fingerprints" / "code.json", results / "fingerprints" / kind / f"{run}.json"]
     seed_list = seeds(params)
@@ -382,7 +186,7 @@ def train_stage(params: dict[str, Any], kind: str, run: str, results: Path) -> i
         if code:
             return code
         finish_output(out, key, bool(params.get("keep_checkpoints")))
-    if seed_list and is_main_rank():
+    if seed_list and is_main_process():
         collect_seeds(output, seed_list)
     return 0
 
@@ -393,8 +197,6 @@ def measure_requests(params: dict[str, Any], table_name: str, fair: bool = False
     """Row label -> keyword arguments of ``reproduce.measure.measure_named`` for one table: each row at the
     setting the paper measured it (``fair``: the rows whose setting differs from the table's one shared
     setting, measured at that setting, for the "all backbones at one setting" view)."""
-    from reproduce.tables.spec import TABLES, resolve
-
     if table_name not in TABLES:
         raise ParamsError(f"unknown table {table_name!r}; choose from {', '.join(TABLES)}")
     table = resolve(table_name, params)
@@ -415,8 +217,9 @@ def measure_requests(params: dict[str, Any], table_name: str, fair: bool = False
 
 
 def measure_table(params: dict[str, Any], table_name: str, results: Path) -> Path:
+    # torch and the models load here, not at start-up: the fingerprint stage must not pay for them
     from reproduce.measure import check_request, measure_request
-    from reproduce.train.engine import git_commit  # the same provenance string as the training runs
+    from reproduce.train.common import git_commit  # the same provenance string as the training runs
 
     commit = git_commit()
     measured: dict[str, dict[str, Any]] = {}
@@ -437,8 +240,6 @@ def measure_table(params: dict[str, Any], table_name: str, results: Path) -> Pat
 
 
 def fingerprint(params: dict[str, Any], results: Path) -> None:
-    from reproduce.fingerprint import write_fingerprints
-
     start = time.time()
     counts = write_fingerprints(params, Path.cwd(), results / "fingerprints")
     Path("tables/metrics").mkdir(parents=True, exist_ok=True)  # so `dvc metrics show` is silent before any table exists

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from reproduce.bench import TRAIN_MAC_FACTOR  # forward + backward (2x forward), as bench counts a step
-from reproduce.pipeline import RUN_KINDS, ParamsError, load_params, lookup
+from reproduce.params import RUN_KINDS, ParamsError, load_params, lookup
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights + AdamW exp_avg + exp_avg_sq

@@ -65,8 +65,8 @@ def make_ade20k(root: Path, label: np.ndarray) -> Path:
 
 
 def test_imagenet_layout_is_indexed_and_loaded(tmp_path):
-    from reproduce.train.pretrain import make_dataset
-    from reproduce.train.recipes import profile_recipe, resolve
+    from reproduce.data.pipelines import classification_set as make_dataset
+    from reproduce.recipes import profile_recipe, resolve
 
     root = make_imagenet(tmp_path / "imagenet")
     splits = layouts.index_imagenet(root)

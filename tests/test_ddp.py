@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from fault_hooks import hook_env
 
 from reproduce.cli import main
 from reproduce.train import checkpointing
@@ -55,9 +56,9 @@ def test_a_failure_on_one_rank_ends_the_job_and_the_run_resumes_on_one_process(t
     data, out = str(tmp_path / "data"), tmp_path / "run"
     argv = ["pretrain", "--model", "hrvit_b1", "--profile", "smoke", "--synthetic-size", "4", "--batch-size", "4", "--epochs", "4",
             "--image-size", "32", "--checkpoint-every", "2", "--data-root", data]
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **hook_env("fail_at", "1:2")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "reproduce", *argv,
-           "--output", str(out), "--inject-failure", "1:2"]
+           "--output", str(out)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     failed_at, lines = None, []
     for line in proc.stdout:

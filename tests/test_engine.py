@@ -1,8 +1,12 @@
-"""Engine parts: recipes as the one source of truth, the world-size independent sample order,
-bf16 on a CPU, non-finite losses, one-line layout errors and the loader benchmark. Runs that are
-interrupted and resumed are in test_train.py, multi-process cases in test_ddp.py."""
+"""Engine parts: recipes as the one source of truth (and of the keys the status compares), the
+world-size independent sample order, bf16 on a CPU, non-finite losses, step hooks, one-line layout
+errors, the loader benchmark and the layers' import order. Runs that are interrupted and resumed are
+in test_train.py, multi-process cases in test_ddp.py."""
 from __future__ import annotations
 
+import argparse
+import ast
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,11 +17,17 @@ import torch
 import yaml
 from torch import nn
 
+from models.weights import FORMATS, SUITE_FORMATS
+from reproduce import params as suite_params
+from reproduce import recipes
 from reproduce.cli import RunStopped, main
+from reproduce.data.pipelines import classification_set
 from reproduce.data.throughput import loader_benchmark
-from reproduce.train import pretrain, recipes
+from reproduce.tables.status import paper_recipe, recipe_deviations
 from reproduce.train.distributed import DistContext
+from reproduce.train.engine import STEP_HOOK_ENV, fit
 from reproduce.train.loop import Schedule, StepSampler, Trainer
+from reproduce.train.tasks import CLASSIFICATION, SEGMENTATION
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -66,6 +76,26 @@ def test_amp_accepts_the_old_booleans_and_the_new_modes():
     assert recipes.validate_recipe("cityscapes", {"amp": True, "num-workers": None}) == {"amp": "fp16"}
     assert recipes.validate_recipe("pretrain", {"amp": False})["amp"] == "none"
     assert recipes.validate_recipe("pretrain", {"amp": "bf16"})["amp"] == "bf16"
+
+
+def test_status_compares_exactly_the_recipe_fields_marked_result():
+    for kind, cls in (("pretrain", recipes.PretrainRecipe), ("cityscapes", recipes.FinetuneRecipe)):
+        paper = paper_recipe(kind, "hrvit_b1")
+        marked = recipes.result_keys(kind)
+        assert marked and set(marked) <= set(paper) and not set(marked) & set(recipes.execution_keys(kind))
+        for f in dataclasses.fields(cls):
+            changed = {**paper, f.name: "changed"}
+            assert bool(recipe_deviations(kind, changed, paper)) == (f.name in marked), f.name
+
+
+def test_the_paper_recipe_is_what_the_commands_resolve_without_a_command_line(tmp_path):
+    parser = argparse.ArgumentParser()
+    SEGMENTATION.add_arguments(parser)
+    args = parser.parse_args(["--model", "hrvit_b2", "--profile", "paper", "--dataset", "ade20k", "--data-root", str(tmp_path),
+                              "--output", str(tmp_path / "out")])
+    recipe, _, _ = SEGMENTATION.validate(args)
+    assert dataclasses.asdict(recipe) == paper_recipe("ade20k", "hrvit_b2")
+    assert (recipe.crop_size, recipe.batch_size, recipe.test_mode, recipe.drop_path) == (512, 16, "whole", 0.2)
 
 
 # ------------------------------------------------------------------ sample order
@@ -151,6 +181,22 @@ def test_bf16_pretrain_step_on_the_cpu(tmp_path):
     assert torch.isfinite(torch.tensor(m["loss"]))
 
 
+def test_step_hooks_run_after_every_step_and_a_bad_hook_name_is_one_line(tmp_path, capsys, monkeypatch):
+    parser = argparse.ArgumentParser()
+    CLASSIFICATION.add_arguments(parser)
+    args = parser.parse_args([*TINY, "--epochs", "2", "--synthetic-size", "2", "--data-root", str(tmp_path / "data"),
+                              "--output", str(tmp_path / "run")])
+    seen = []
+    assert fit(CLASSIFICATION, args, step_hooks=[lambda step, rank: seen.append((step, rank))]) == 0
+    assert seen == [(1, 0), (2, 0)]
+
+    monkeypatch.setenv(STEP_HOOK_ENV, "no_such_module:hook")
+    assert main(["pretrain", *TINY, "--data-root", str(tmp_path / "data"), "--output", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{STEP_HOOK_ENV}='no_such_module:hook' does not name a function" in err
+    assert not (tmp_path / "other").exists()
+
+
 # ------------------------------------------------------------------ data index
 
 
@@ -172,6 +218,54 @@ def test_loader_benchmark_reports_images_per_second():
     assert result["images"] == 4 and result["images_per_s"] > 0 and result["root"] is None
 
 
+# ------------------------------------------------------------------ layering
+
+
+def _top_level_imports() -> dict[str, set[str]]:
+    """Suite module -> the suite modules it imports when it is loaded (function-level imports aside)."""
+    modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in (REPO / "reproduce").rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module for a in node.names}
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_the_layers_import_top_down_without_a_circle():
+    graph = _top_level_imports()
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import circle: {' -> '.join((*path, name))}"
+        if name not in done:
+            for target in graph[name]:
+                visit(target, (*path, name))
+            done.add(name)
+
+    for name in graph:
+        visit(name, ())
+    higher = {"reproduce.data": ("reproduce.train", "reproduce.tables", "reproduce.pipeline"),
+              "reproduce.tables": ("reproduce.pipeline", "reproduce.train"),
+              "reproduce.errors": ("reproduce.",), "reproduce.recipes": ("reproduce.data", "reproduce.train", "reproduce.params")}
+    for name, targets in graph.items():
+        for layer, forbidden in higher.items():
+            if name == layer or name.startswith(layer + "."):
+                up = [t for t in targets if t.startswith(forbidden) and t != "reproduce.errors"]
+                assert not up, f"{name} imports {up}, a higher layer"
+
+
+def test_the_suite_formats_agree_between_the_models_and_the_run_files():
+    """models.weights (which cannot import reproduce) detects the formats the run files are written in."""
+    assert suite_params.SUITE_FORMAT == FORMATS[0]
+    assert {suite_params.CHECKPOINT_FORMAT, suite_params.WEIGHTS_FORMAT} == set(SUITE_FORMATS)
+
+
 # ------------------------------------------------------------------ SLURM
 
 
@@ -189,7 +283,7 @@ def test_slurm_scripts_parse_and_launch_refuses_outside_an_allocation():
 def test_randaugment_posterize_to_zero_bits_gives_a_black_image_instead_of_a_crash():
     from PIL import Image
 
-    transform = pretrain.make_dataset([], recipes.profile_recipe("pretrain", "paper"), augment=True).transform
+    transform = classification_set([], recipes.profile_recipe("pretrain", "paper"), augment=True).transform
     ops = [op for t in transform.transforms for op in getattr(t, "ops", []) if op.name.startswith("Posterize")]
     assert ops, "the paper policy has a posterize op"
     image = Image.new("RGB", (8, 8), (200, 100, 50))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from reproduce import params as suite_params
 from reproduce import pipeline
 from reproduce.cli import main as reproduce_main
 from reproduce.tables.cells import measure_path, run_metrics_path
@@ -37,7 +38,7 @@ def test_default_params_have_no_extra_rows_and_tables_equal_the_paper_spec():
 
 
 def test_extra_row_joins_the_table_with_its_runs_and_shared_setting():
-    params = pipeline.validate_params(with_row())
+    params = suite_params.validate_params(with_row())
     table = resolve("table4_cityscapes", params)
     row = table.row("ResNet-18")
     assert row.extra and row.measure == TABLES["table4_cityscapes"].fair and row.flop_family == "hrvit"
@@ -61,8 +62,8 @@ def test_extra_row_joins_the_table_with_its_runs_and_shared_setting():
 def test_bad_extra_rows_fail_in_one_line(change, message):
     params = with_row()
     change(params)
-    with pytest.raises(pipeline.ParamsError, match=message):
-        pipeline.validate_params(params)
+    with pytest.raises(suite_params.ParamsError, match=message):
+        suite_params.validate_params(params)
 
 
 def test_extra_row_measured_and_rendered_in_table4_and_figure5(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from reproduce import params as suite_params
 from reproduce import pipeline
 from reproduce.tables.spec import EXTRA_TABLES, TABLES, runs_needed
 
@@ -98,7 +99,7 @@ def test_measure_stages_track_exactly_the_params_they_read():
 
 def test_profile_launcher_and_analytics():
     assert PARAMS["profile"] == "smoke" and PARAMS["launcher"].endswith("python")
-    assert set(PARAMS["recipes"]) >= {"smoke", "paper"} and set(PARAMS["recipes"]) <= set(pipeline.PROFILES)
+    assert set(PARAMS["recipes"]) >= {"smoke", "paper"} and set(PARAMS["recipes"]) <= set(suite_params.PROFILES)
     assert PARAMS["keep_checkpoints"] is False
     assert all(PARAMS["recipes"]["paper"]["data"][d]["root"] for d in ("imagenet", "cityscapes", "ade20k"))
     assert STAGES["pretrain"]["do"]["cmd"].startswith("${launcher} -m reproduce.pipeline pretrain")
@@ -148,7 +149,7 @@ def test_per_run_recipe_override_and_bad_params():
     params = {**PARAMS, "pretrain": {**PARAMS["pretrain"], "x": {"model": "hrvit_b1", "ablate": [], "recipe": {"seed": 7}}}}
     argv = pipeline.pretrain_argv(params, "x", Path("results"))
     assert argv[argv.index("--seed") + 1] == "7"
-    with pytest.raises(pipeline.ParamsError, match="no pretrain run 'nope'"):
+    with pytest.raises(suite_params.ParamsError, match="no pretrain run 'nope'"):
         pipeline.pretrain_argv(params, "nope", Path("results"))
     assert pipeline.flags({"amp": False, "sync-bn": True, "x": None, "ablate": []}) == ["--no-amp", "--sync-bn"]
 
@@ -162,7 +163,7 @@ def test_finetune_from_a_weights_file(tmp_path):
     weights = tmp_path / "mit_b1.pth"
     weights.write_bytes(b"x")
     entry = {"model": "mit_b1", "init": {"file": str(weights)}}
-    params = pipeline.validate_params({**PARAMS, "from_file": {"cityscapes": {"mit_b1-published": entry}, "ade20k": {}}})
+    params = suite_params.validate_params({**PARAMS, "from_file": {"cityscapes": {"mit_b1-published": entry}, "ade20k": {}}})
     argv = pipeline.finetune_argv(params, "cityscapes", "mit_b1-published", Path("r"))
     assert argv[argv.index("--model") + 1] == "mit_b1" and argv[argv.index("--pretrained") + 1] == str(weights)
     assert argv[argv.index("--output") + 1] == "r/finetune/cityscapes/mit_b1-published"
@@ -177,12 +178,12 @@ def test_finetune_from_a_weights_file(tmp_path):
     assert set(_outs(do)) == set(_outs(STAGES["finetune_cityscapes"]["do"]))
     assert PARAMS["from_file"] == {"cityscapes": {}, "ade20k": {}}
     weights.unlink()
-    with pytest.raises(pipeline.ParamsError, match="init.file .* not found"):
+    with pytest.raises(suite_params.ParamsError, match="init.file .* not found"):
         pipeline.finetune_argv(params, "cityscapes", "mit_b1-published", Path("r"))
-    with pytest.raises(pipeline.ParamsError, match="already has a run 'mit_b1'"):
-        pipeline.validate_params({**PARAMS, "from_file": {"cityscapes": {"mit_b1": entry}}})
-    with pytest.raises(pipeline.ParamsError, match="must be {model: NAME, init: {file: PATH}}"):
-        pipeline.validate_params({**PARAMS, "from_file": {"cityscapes": {"x": {"init": "mit_b1"}}}})
+    with pytest.raises(suite_params.ParamsError, match="already has a run 'mit_b1'"):
+        suite_params.validate_params({**PARAMS, "from_file": {"cityscapes": {"mit_b1": entry}}})
+    with pytest.raises(suite_params.ParamsError, match="must be {model: NAME, init: {file: PATH}}"):
+        suite_params.validate_params({**PARAMS, "from_file": {"cityscapes": {"x": {"init": "mit_b1"}}}})
 
 def _main(capsys, *argv: str) -> tuple[int, str]:
     code = pipeline.main(list(argv))
@@ -218,8 +219,8 @@ def test_bad_params_fail_in_one_line_before_any_work(tmp_path, capsys):
 
 def test_seeded_profile_runs_one_folder_per_seed_and_chains_seeds():
     params = {**PARAMS, "recipes": {**PARAMS["recipes"], "smoke": {**PARAMS["recipes"]["smoke"], "seeds": [0, 1, 2]}}}
-    pipeline.validate_params(params)
-    assert pipeline.seeds(params) == [0, 1, 2]
+    suite_params.validate_params(params)
+    assert suite_params.seeds(params) == [0, 1, 2]
     argv = pipeline.finetune_argv(params, "cityscapes", "hrvit_b1", Path("r"), seed=2)
     assert argv[argv.index("--seed") + 1] == "2"
     assert argv[argv.index("--pretrained") + 1] == "r/pretrain/hrvit_b1/seed-2/model.safetensors"
@@ -409,10 +410,10 @@ def test_repro_table5_reruns_exactly_what_a_change_affects(tiny_pipeline):
     hrvit.write_text(original)
 
     # (c) the loss changes: every training stage is out of date
-    _edit(root / "reproduce" / "train" / "finetune.py", "F.cross_entropy(", "0.5 * F.cross_entropy(")
+    _edit(root / "reproduce" / "train" / "tasks.py", "ignore_index=IGNORE_INDEX)", "ignore_index=IGNORE_INDEX) * 0.5")
     changed = _changed(root)
     assert changed & TRAINING_STAGES == TRAINING_STAGES, changed
-    _edit(root / "reproduce" / "train" / "finetune.py", "0.5 * F.cross_entropy(", "F.cross_entropy(")
+    _edit(root / "reproduce" / "train" / "tasks.py", "ignore_index=IGNORE_INDEX) * 0.5", "ignore_index=IGNORE_INDEX)")
     assert _changed(root) & TRAINING_STAGES == set()
 
     # a params change reruns only that variant and the table

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from fault_hooks import hook_env
 from torch import nn
 
 from models.weights import sha256 as weights_sha256
 from reproduce.cli import main
 from reproduce.tables.status import init_of
 from reproduce.data import layouts
-from reproduce.train import checkpointing, pretrain
+from reproduce.train import checkpointing, tasks
 from reproduce.train.evaluation import slide_logits
 from reproduce.train.seg_metrics import confusion_matrix, scores
 
@@ -200,8 +201,8 @@ def test_pretrain_finetune_evaluate_chain(pretrained, tmp_path, capsys):
 
 def test_killed_run_resumes_to_the_same_metrics_as_an_uninterrupted_run(pretrained, tmp_path, capsys):
     argv = ["pretrain", *TINY_PRETRAIN, "--data-root", str(pretrained / "data")]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "-m", "reproduce", *argv, "--output", str(tmp_path / "resumed"), "--kill-after-steps", "3"],
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **hook_env("kill_after_steps", "3")}
+    killed = subprocess.run([sys.executable, "-m", "reproduce", *argv, "--output", str(tmp_path / "resumed")],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     assert not (tmp_path / "resumed" / "metrics.json").exists()
@@ -264,7 +265,7 @@ def test_the_checkpoint_exists_when_the_final_evaluation_fails(pretrained, tmp_p
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("simulated out-of-memory in evaluation")
 
-    monkeypatch.setattr(pretrain, "evaluate_classification", out_of_memory)
+    monkeypatch.setattr(tasks, "evaluate_classification", out_of_memory)
     with pytest.raises(RuntimeError, match="simulated"):
         main(argv)
     state = checkpointing.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
@@ -280,7 +281,7 @@ def test_best_checkpoint_follows_the_metric_and_history_is_recorded(pretrained, 
     def scripted(*args, **kwargs):
         return {"top1": next(scores), "top5": 100.0, "loss": 1.0, "eval_images": 4}
 
-    monkeypatch.setattr(pretrain, "evaluate_classification", scripted)
+    monkeypatch.setattr(tasks, "evaluate_classification", scripted)
     out = tmp_path / "run"
     assert main(["pretrain", *TINY_PRETRAIN, "--epochs", "2", "--eval-every", "1", "--data-root", str(pretrained / "data"), "--output", str(out)]) == 0
     m = _metrics(out)

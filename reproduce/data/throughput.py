@@ -15,7 +15,9 @@ from pathlib import Path
 from torch.utils.data import DataLoader, Dataset
 
 from reproduce.data import layouts, synthetic
-from reproduce.data.datasets import SeededSamples
+from reproduce.data.datasets import SEG_DATASETS, SeededSamples
+from reproduce.data.pipelines import classification_set, segmentation_set
+from reproduce.recipes import profile_recipe, resolve
 
 DATASETS = ("imagenet", "cityscapes")
 _GENERATED = {"imagenet": ("cls", 256), "cityscapes": ("seg", 512)}  # kind, pixels of generated data
@@ -23,19 +25,17 @@ _GENERATED_IMAGES = 64  # at most, per split; the benchmark cycles through them
 
 
 def _training_dataset(dataset: str, root: Path, generated: bool) -> Dataset:
-    """The training split of ``root`` with the paper profile's training pipeline."""
-    from reproduce.train import finetune, pretrain, recipes
-
+    """The training split of ``root`` with the paper profile's training pipeline (generated scenes are
+    cropped at their own height, real Cityscapes at the paper's crop)."""
     if dataset == "imagenet":
         index = layouts.build_index("imagenet", root, ("train", "val"))
-        return pretrain.make_dataset(layouts.class_samples(index, root, "train")[1], recipes.profile_recipe("pretrain", "paper"), augment=True)
+        return classification_set(layouts.class_samples(index, root, "train")[1], profile_recipe("pretrain", "paper"), augment=True)
     name = "synthetic" if generated else "cityscapes"
-    recipe = finetune.profile_defaults("paper", name, "hrvit_b1")
-    if generated:
-        recipe = recipes.resolve(recipe, {"crop_size": _GENERATED[dataset][1]})
+    crop = _GENERATED[dataset][1] if generated else SEG_DATASETS[name].paper_crop
+    recipe = resolve(profile_recipe("finetune", "paper"), {"crop_size": crop})
     folder = "train"
     index = layouts.build_index("cityscapes", root, (folder,))
-    return finetune.build_dataset(name, layouts.seg_samples(index, root, folder), recipe, augment=True)
+    return segmentation_set(name, layouts.seg_samples(index, root, folder), recipe, augment=True)
 
 
 def _time_loader(data: Dataset, workers: int, batches: int, batch_size: int) -> tuple[int, float]:

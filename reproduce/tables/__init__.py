@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from reproduce.tables.spec import ABLATION, CLAIMS, FIGURE, TARGETS
+from reproduce import params as suite_params  # the module, not its names: params reads tables.spec, which runs this file
+from reproduce.tables.spec import ABLATION, CLAIMS, FIGURE, TARGETS, resolve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,9 +28,7 @@ def load_optional_params(path: Path) -> dict:
     """The validated params of ``path`` (the tables read its ``extra_rows``), or {} when there is no such file."""
     if not path.is_file():
         return {}
-    from reproduce.pipeline import load_params
-
-    return load_params(path)
+    return suite_params.load_params(path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,14 +37,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"python -m reproduce tables: error: unknown name(s) {unknown}; choose from {', '.join(TARGETS)}")
         return 2
     names = args.names or list(TARGETS)
-    from reproduce.pipeline import ParamsError
     from reproduce.tables.cells import build_records
     from reproduce.tables.render import write_table
-    from reproduce.tables.spec import resolve
 
     try:
         params = load_optional_params(args.params)
-    except ParamsError as err:
+    except suite_params.ParamsError as err:
         print(f"python -m reproduce tables: error: {err}")
         return 2
     written: list[Path] = []

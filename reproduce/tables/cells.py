@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from reproduce.params import METRICS_NAME, SUITE_FORMAT, run_dir
 from reproduce.tables.spec import (
     ACCURACY_COLUMNS,
     DEFAULT_TOLERANCE,
@@ -22,7 +23,7 @@ from reproduce.tables.spec import (
     Row,
     Table,
 )
-from reproduce.tables.status import PUBLISHED, REPRODUCTION, SUITE_FORMAT, init_of, run_status
+from reproduce.tables.status import PUBLISHED, REPRODUCTION, init_of, run_status
 
 Record = dict[str, Any]
 
@@ -38,7 +39,7 @@ def paper_frame(table: Table, paper_dir: Path = PAPER_DIR) -> pd.DataFrame:
 
 def run_metrics_path(results: Path, kind: str, run: str) -> Path:
     """Where the pipeline writes a run's metrics (kind: pretrain, cityscapes or ade20k)."""
-    return results / "pretrain" / run / "metrics.json" if kind == "pretrain" else results / "finetune" / kind / run / "metrics.json"
+    return run_dir(results, kind, run) / METRICS_NAME
 
 
 def measure_path(results: Path, table: str) -> Path:

@@ -6,37 +6,22 @@ pretrain run that is itself a reproduction. Anything else is ``partial`` (the pa
 deviations), or the profile it ran (``smoke``, ``proxy``); the deviations are listed for footnotes.
 What each status means for a reader: docs/statuses.md.
 
-The paper recipe is what the training commands themselves resolve for ``--profile paper`` (their
-flags are the contract), so there is one source for its values.
+The paper recipe is what the training tasks themselves resolve for the paper profile on the real
+dataset, and the keys compared are the recipe fields marked ``result`` (``reproduce.recipes``), so
+there is one source for both.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-# The recipe keys (as recorded in metrics.json "recipe") that change a run's numbers, per kind. Left out
-# on purpose: amp (precision), sync_bn and accum_steps (the global batch is what is compared), seed,
-# deterministic, threads, num_workers, checkpoint_every, log_every, eval_batch_size, synthetic_size.
-RESULT_KEYS: dict[str, tuple[str, ...]] = {
-    "pretrain": (
-        "lr_scale", "epochs", "warmup_epochs", "cooldown_epochs", "warmup_lr", "min_lr", "batch_size", "lr", "weight_decay",
-        "clip_grad", "image_size", "drop_path", "head_drop", "mixup", "cutmix", "smoothing", "auto_augment",
-        "reprob", "color_jitter", "train_interpolation", "eval_crop_pct", "eval_interpolation",
-    ),
-    "finetune": (
-        "lr_scale", "iters", "warmup_iters", "warmup_ratio", "batch_size", "lr", "head_lr_mult", "weight_decay", "poly_power",
-        "min_lr", "crop_size", "drop_path", "ratio_range", "cat_max_ratio", "flip_prob", "photometric",
-        "test_mode", "test_crop", "test_stride",
-    ),
-}
-REAL_DATASET = {"pretrain": "imagenet", "cityscapes": "cityscapes", "ade20k": "ade20k"}
-SUITE_FORMAT = "hrvit-repro"  # init from a pretrain run of this suite; other formats are published weights
+from reproduce.params import METRICS_NAME, REAL_DATASET, SUITE_FORMAT
+from reproduce.recipes import result_keys
+
 PUBLISHED = "published weights"  # the tables' label of a cell whose backbone started from published weights
 PROFILE_STATUSES = ("smoke", "proxy")  # profiles that are never a reproduction, labelled by their own name
 REPRODUCTION, PARTIAL = "reproduction", "partial"
@@ -50,17 +35,11 @@ class RunStatus:
 
 @lru_cache(maxsize=None)
 def paper_recipe(kind: str, model: str) -> dict[str, Any]:
-    """The recipe ``pretrain``/``finetune --profile paper`` resolves for ``model`` on the real dataset."""
-    from reproduce.train import finetune, pretrain
+    """The recipe ``pretrain``/``finetune --profile paper`` resolves for ``model`` on the real dataset of
+    run kind ``kind`` (pretrain, cityscapes or ade20k)."""
+    from reproduce.train.tasks import task_for_kind  # torch and the models: only when a run is on real data
 
-    module = pretrain if kind == "pretrain" else finetune
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    with tempfile.TemporaryDirectory() as root:  # validation may check that the data root exists
-        args = parser.parse_args(["--model", model, "--profile", "paper", "--dataset", REAL_DATASET[kind],
-                                  "--data-root", root, "--output", str(Path(root) / "out")])
-        recipe, _, _ = module.validate(args)
-    return dataclasses.asdict(recipe) if dataclasses.is_dataclass(recipe) else dict(recipe)
+    return dataclasses.asdict(task_for_kind(kind).recipe("paper", REAL_DATASET[kind], model))
 
 
 def init_of(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -83,7 +62,7 @@ def _same(a: Any, b: Any) -> bool:
 def recipe_deviations(kind: str, recipe: dict[str, Any], paper: dict[str, Any]) -> list[str]:
     """``"key ours (paper value)"`` for every result-changing key that differs from the paper recipe."""
     out = []
-    for key in RESULT_KEYS["pretrain" if kind == "pretrain" else "finetune"]:
+    for key in result_keys(kind):
         if key not in paper:  # a key this version of the training commands does not have
             continue
         if key not in recipe:
@@ -100,7 +79,7 @@ def init_deviations(metrics: dict[str, Any]) -> list[str]:
         return ["init random (paper: ImageNet-pretrained backbone)"]
     if init["format"] != SUITE_FORMAT:
         return []  # published weights
-    source = Path(init.get("file") or "").parent / "metrics.json"
+    source = Path(init.get("file") or "").parent / METRICS_NAME
     if not source.is_file():
         return [f"init {init.get('file')}: its pretrain metrics.json is missing"]
     upstream = run_status("pretrain", json.loads(source.read_text()))

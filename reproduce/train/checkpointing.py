@@ -21,13 +21,8 @@ import torch
 from safetensors.torch import save_file
 
 from models.weights import load_torch_file, read_safetensors
+from reproduce.params import BEST_NAME, CHECKPOINT_FORMAT, CHECKPOINT_NAME, WEIGHTS_FORMAT, WEIGHTS_NAME
 
-CHECKPOINT_NAME = "checkpoint.pt"
-BEST_NAME = "best.pt"
-WEIGHTS_NAME = "model.safetensors"
-METRICS_NAME = "metrics.json"
-CHECKPOINT_FORMAT = "hrvit-repro-checkpoint/1"
-WEIGHTS_FORMAT = "hrvit-repro-weights/1"
 # The description a weights file carries (everything but the tensors and the training state).
 WEIGHTS_META_KEYS = (
     "task", "model", "model_settings", "num_classes", "class_names", "profile", "dataset", "data_source",

@@ -11,7 +11,8 @@ import torch.distributed as dist
 from timm.utils import distribute_bn
 from torch import nn
 
-from reproduce.cli import UsageError
+from reproduce.errors import UsageError
+from reproduce.params import env_rank, env_world_size
 
 
 @dataclass(frozen=True)
@@ -30,15 +31,10 @@ class DistContext:
         return self.world_size > 1
 
 
-def env_world_size() -> int:
-    """World size torchrun announces (1 outside torchrun), known before any set-up, for validation."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def setup(device: str = "auto") -> DistContext:
     """Initialise the process group when launched by torchrun; pick the device of this rank."""
     world = env_world_size()
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = env_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but CUDA is not available on this machine; use --device cpu or auto")

@@ -1,108 +1,47 @@
-"""The run of a training command, shared by ``pretrain`` and ``finetune``: options and up-front
-validation, set-up (seeding, threads, DDP, compile), the data index, and :func:`run_training`,
-which resumes, trains with periodic checkpoints and evaluations, survives signals, and records.
+"""The engine that runs any training task: :func:`fit` validates, sets up (threads, determinism,
+process group, DDP, compile), builds what the task asks for, and :func:`run_training` resumes,
+trains with periodic checkpoints and evaluations, survives signals, and records.
 
-The pieces live beside it: ``recipes`` (typed recipes, the single source of truth), ``loop`` (the
-optimizer step and the sample order), ``checkpointing`` (files and the resume rule),
-``distributed`` (process group) and ``runlog`` (log lines and DVCLive).
+The pieces live beside it: ``tasks`` (what classification and segmentation do differently),
+``common`` (options, checks and set-up steps the tasks and commands share), ``reproduce.recipes``
+(typed recipes, the single source of truth), ``loop`` (the optimizer step and the sample order),
+``checkpointing`` (files and the resume rule), ``distributed`` (process group) and ``runlog`` (log
+lines and DVCLive).
+
+A step hook is a callable ``hook(step, rank)`` run after every optimizer step (after that step's
+checkpoint, if any): ``fit(..., step_hooks=...)`` takes them in-process, and :data:`STEP_HOOK_ENV`
+names one as ``module:function`` for a process started from outside (e.g. a test that simulates a
+crash); production runs set neither.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
+import importlib
 import json
 import os
-import random
 import signal
-import subprocess
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-import numpy as np
-import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from models.factory import check_model_name
-from reproduce.data import layouts, synthetic
-from reproduce.train import recipes
-from reproduce.train.checkpointing import (
-    BEST_NAME, CHECKPOINT_FORMAT, CHECKPOINT_NAME, METRICS_NAME, WEIGHTS_NAME, atomic_write, identity_diff, load_checkpoint, run_fingerprint,
-    save_checkpoint, save_weights, write_metrics,
-)
-from reproduce.train.distributed import DistContext, average_bn_stats, barrier, env_world_size, gather_digests, gather_objects, setup, teardown
-from reproduce.train.loop import Preemption, Schedule, Trainer, precision_name, step_batches, stopped, unwrap
-from reproduce.train.recipes import SettingsError
+from reproduce import recipes
+from reproduce.errors import SettingsError
+from reproduce.params import BEST_NAME, CHECKPOINT_FORMAT, CHECKPOINT_NAME, METRICS_NAME, WEIGHTS_NAME
+from reproduce.train.checkpointing import identity_diff, load_checkpoint, run_fingerprint, save_checkpoint, save_weights, write_metrics
+from reproduce.train.common import configure_determinism, configure_threads, git_commit, use_sync_bn, wrap_model
+from reproduce.train.distributed import DistContext, average_bn_stats, barrier, gather_digests, setup, teardown
+from reproduce.train.evaluation import EvalOptions
+from reproduce.train.loop import Preemption, Schedule, Trainer, autocast_dtype, precision_name, step_batches, stopped, unwrap
 from reproduce.train.runlog import Logger, memory_mb
+from reproduce.train.tasks import Task
 
-DEFAULT_SYNTHETIC_ROOT = Path("data/synthetic")
-INDEX_DIR = ".data-index"
-INDEX_VERSION = 1
+STEP_HOOK_ENV = "REPRODUCE_STEP_HOOK"
+StepHook = Callable[[int, int], None]
 
-# --------------------------------------------------------------------------- options and validation
-
-
-def add_common_arguments(parser: argparse.ArgumentParser, kind: str, default_dataset: str | None) -> None:
-    """Options shared by pretrain and finetune, then one flag per recipe field (None: the profile fills it)."""
-    parser.add_argument("--model", required=True, help="model name, e.g. hrvit_b1 (see models.factory.available_models)")
-    parser.add_argument("--profile", choices=recipes.PROFILES, default="smoke", help="recipe defaults: smoke (generated data, seconds), proxy (generated data, long enough to learn) or paper (the paper's recipe)")
-    parser.add_argument("--dataset", default=default_dataset, help="dataset name (see below)")
-    parser.add_argument("--data-root", type=Path, default=None, help="dataset root; for 'synthetic' the cache folder of generated data (default data/synthetic)")
-    parser.add_argument("--output", type=Path, required=True, help="run folder: checkpoint.pt, model.safetensors, best.pt, metrics.json, dvclive/")
-    parser.add_argument("--ablate", nargs="+", default=None, metavar="NAME", help="HRViT only: techniques to turn off (models.hrvit.ABLATIONS, or 'all')")
-    parser.add_argument("--window-sizes", nargs=4, type=int, default=None, metavar=("A", "B", "C", "D"), help="HRViT only: stripe width per branch, e.g. 1 2 7 7")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (default off)")
-    parser.add_argument("--no-resume", action="store_true", help="start from scratch even if OUTPUT/checkpoint.pt exists")
-    parser.add_argument("--kill-after-steps", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGKILL self after K steps
-    parser.add_argument("--inject-failure", default=None, metavar="RANK:STEP", help=argparse.SUPPRESS)  # tests: raise on RANK at STEP
-    recipes.add_recipe_arguments(parser, kind)
-
-
-def resolve_recipe(defaults: recipes.CommonRecipe, args: argparse.Namespace) -> recipes.CommonRecipe:
-    """The profile's recipe with every explicitly given command-line value laid over it."""
-    kind = "pretrain" if isinstance(defaults, recipes.PretrainRecipe) else "finetune"
-    return recipes.resolve(defaults, recipes.overrides_from_args(args, kind))
-
-
-def model_settings(args: argparse.Namespace, drop_path: float) -> dict[str, Any]:
-    """The model options a run records and passes on: ablations, window sizes, drop-path."""
-    return {"ablate": sorted(args.ablate) if args.ablate else [], "window_sizes": list(args.window_sizes) if args.window_sizes else None, "drop_path_rate": drop_path}
-
-
-def model_kwargs(name: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """``build_model`` keyword arguments for ``settings``; ablations and windows exist only in HRViT."""
-    from models.hrvit import option_kwargs
-
-    try:
-        options = option_kwargs(name, settings.get("ablate") or (), settings.get("window_sizes"))
-    except ValueError as err:
-        raise SettingsError(str(err)) from err
-    return {"drop_path_rate": settings["drop_path_rate"], **options}
-
-
-def validate_common(model: str, recipe: recipes.CommonRecipe) -> int:
-    """Checks every run needs beyond the recipe's own; returns the per-rank micro-batch size."""
-    try:
-        check_model_name(model)
-    except ValueError as err:
-        raise SettingsError(str(err)) from err
-    world, accum = env_world_size(), recipe.accum_steps
-    if recipe.batch_size % (world * accum):
-        raise SettingsError(
-            f"--batch-size {recipe.batch_size} is not divisible by world size {world} x accumulation steps {accum}; "
-            f"use a multiple of {world * accum} or change --accum-steps / the number of processes"
-        )
-    return recipe.batch_size // (world * accum)
-
-
-def check_multiple_of_32(flag: str, size: int) -> None:
-    if size < 32 or size % 32:
-        raise SettingsError(f"{flag} {size} must be a positive multiple of 32 (the backbones downsample by 32)")
+# --------------------------------------------------------------------------- learning rate and step hooks
 
 
 def effective_lr(recipe: recipes.CommonRecipe, paper_batch: int) -> float:
@@ -110,99 +49,16 @@ def effective_lr(recipe: recipes.CommonRecipe, paper_batch: int) -> float:
     return recipe.lr * recipe.batch_size / paper_batch if recipe.lr_scale == "linear" else recipe.lr
 
 
-def parse_injected_failure(spec: str | None) -> tuple[int, int] | None:
-    if spec is None:
+def step_hook_from_env() -> StepHook | None:
+    """The step hook :data:`STEP_HOOK_ENV` names as ``module:function``, if any."""
+    spec = os.environ.get(STEP_HOOK_ENV)
+    if not spec:
         return None
-    rank, step = spec.split(":")
-    return int(rank), int(step)
-
-
-# --------------------------------------------------------------------------- set-up
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def configure_threads(threads: int | None) -> None:
-    """Pin the intra-op thread count. At smoke sizes HRViT is op-overhead bound, and two threads per
-    process spin against each other on a shared 2-core machine (measured 3x slower)."""
-    if threads:
-        torch.set_num_threads(threads)
-
-
-def configure_determinism(deterministic: bool) -> None:
-    """Deterministic kernels (CPU runs then repeat bit for bit); cuDNN autotuning only when off."""
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    torch.backends.cudnn.benchmark = not deterministic
-
-
-def use_sync_bn(recipe: recipes.CommonRecipe, ctx: DistContext) -> bool:
-    return recipe.sync_bn and ctx.distributed and ctx.device.type == "cuda"
-
-
-def wrap_model(model: nn.Module, ctx: DistContext, sync_bn: bool, compile_model: bool) -> nn.Module:
-    """Move to the rank's device, convert BN to SyncBN when asked, compile in place (state-dict keys
-    unchanged) when asked, and wrap in DDP when distributed."""
-    if sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(ctx.device)
-    if compile_model:
-        model.compile()
-    if ctx.distributed:
-        model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    return model
-
-
-def git_commit() -> str:
-    """HEAD of the repository holding this code, '-dirty' if it has uncommitted changes."""
-    repo = Path(__file__).resolve().parents[2]
+    module, _, name = spec.partition(":")
     try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{head}-dirty" if dirty else head
-
-
-# --------------------------------------------------------------------------- data
-
-
-def dataset_root(args: argparse.Namespace, ctx: DistContext, kind: str, size: tuple[int, int, int]) -> Path:
-    """The folder to read: ``--data-root`` for a real dataset; for ``synthetic`` the generated data of
-    ``kind`` (cls|seg; ``size`` = seed, images per split, pixels) in the real layout, made once per
-    node by local rank 0 while the others wait."""
-    if args.dataset != "synthetic":
-        return Path(args.data_root)
-    cache = Path(args.data_root) if args.data_root is not None else DEFAULT_SYNTHETIC_ROOT
-    if ctx.local_rank == 0:
-        synthetic.ensure_synthetic(cache, kind, *size)
-    barrier(ctx)
-    return synthetic.ensure_synthetic(cache, kind, *size)
-
-
-def data_index(ctx: DistContext, layout: str, root: Path, splits: tuple[str, ...], cache: Path) -> dict:
-    """The validated file index of ``root`` (see ``layouts.build_index``), built by the first process
-    of each node and cached in ``cache/.data-index/`` under a key of (layout, absolute root); the
-    other processes read it. A layout error on the builder is raised on every rank. To re-index a
-    dataset that changed in place, delete that folder."""
-    key = hashlib.sha256(f"{INDEX_VERSION}:{layout}:{root.resolve()}:{splits}".encode()).hexdigest()[:16]
-    path = cache / INDEX_DIR / f"{layout}-{key}.json"
-    error = None
-    if ctx.local_rank == 0 and not path.is_file():
-        try:
-            index = layouts.build_index(layout, root, splits)
-            atomic_write(path, lambda tmp: tmp.write_text(json.dumps(index)))
-        except layouts.DataLayoutError as err:
-            error = str(err)
-    errors = [e for e in gather_objects(ctx, error) if e]
-    if errors:
-        raise layouts.DataLayoutError.from_message(errors[0])
-    return json.loads(path.read_text())
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise SettingsError(f"{STEP_HOOK_ENV}={spec!r} does not name a function as module:function ({err}); unset it") from err
 
 
 # --------------------------------------------------------------------------- the run
@@ -210,7 +66,7 @@ def data_index(ctx: DistContext, layout: str, root: Path, splits: tuple[str, ...
 
 @dataclass
 class RunSpec:
-    """What :func:`run_training` needs from pretrain or finetune.
+    """What :func:`run_training` needs; :func:`fit` assembles it from a task.
 
     ``identity``: everything that determines the run's numbers besides the recipe (task, model,
     settings, dataset, data digest, init); ``description``: what the weights file also records
@@ -230,16 +86,49 @@ class RunSpec:
     metrics_extras: dict[str, Any]
     eval_every_steps: int  # 0: only the final evaluation
     start: float
+    step_hooks: tuple[StepHook, ...] = ()
 
 
-def launch(args: argparse.Namespace, validate: Callable[[argparse.Namespace], tuple], train: Callable[..., int]) -> int:
-    """Run a training command: ``validate(args)`` rejects bad settings before any data or process group
-    is touched, then ``train(args, recipe, settings, micro, ctx, start)`` runs inside the process group."""
-    recipe, settings, micro = validate(args)
+def fit(task: Task, args: argparse.Namespace, step_hooks: Sequence[StepHook] = ()) -> int:
+    """Run ``task`` as its training command with the options in ``args``: every check runs before any
+    data or process group is touched; then, inside the process group, the task's model and data, the
+    wrapped model, optimizer, schedules and loss, and :func:`run_training`."""
+    recipe, settings, micro = task.validate(args)
+    env_hook = step_hook_from_env()
+    hooks = (*step_hooks, *([env_hook] if env_hook else []))
     start = time.time()
     ctx = setup(args.device)
     try:
-        return train(args, recipe, settings, micro, ctx, start)
+        log = Logger(ctx, task.command)
+        configure_determinism(recipe.deterministic)
+        configure_threads(recipe.threads)
+        prepared = task.prepare(args, recipe, settings, ctx, log)
+        data, num_classes = prepared.data, len(prepared.data.class_names)
+        sync_bn = use_sync_bn(recipe, ctx)
+        model = wrap_model(prepared.model, ctx, sync_bn, args.compile)
+        lr = effective_lr(recipe, task.paper_batch(args.dataset))
+        optimizer = task.optimizer(unwrap(model), recipe, lr)
+        sched = task.schedule(ctx, len(prepared.train_set), micro, recipe)
+        scheduler = task.scheduler(optimizer, recipe, sched, lr)
+        clip_grad = getattr(recipe, "clip_grad", None)  # a recipe without the field does not clip
+        trainer = Trainer(ctx, model, optimizer, scheduler, task.loss(recipe, ctx, num_classes), recipe.amp, clip_grad, recipe.seed)
+        effective = effective_settings(recipe, ctx, micro, sync_bn, args.compile, lr)
+        note_accumulation(log, effective, recipe.batch_size)
+        options = EvalOptions(task.eval_batch(recipe, ctx), recipe.num_workers, trainer.dtype)
+        spec = RunSpec(
+            args, trainer, prepared.train_set, sched, recipe,
+            identity={"task": task.task, "model": args.model, "model_settings": settings, "dataset": args.dataset,
+                      "data_digest": data.digest, **prepared.identity},
+            description={"num_classes": num_classes, "class_names": data.class_names, "data_source": data.source},
+            evaluate=lambda: task.score(model, prepared.val_set, ctx, data.class_names, recipe, options),
+            metric=task.metric,
+            summary=task.fit_summary,
+            metrics_extras={"num_classes": num_classes, "steps_per_epoch": sched.steps_per_epoch, "effective": effective, **prepared.metrics},
+            eval_every_steps=task.eval_every_steps(recipe, sched),
+            start=start,
+            step_hooks=hooks,
+        )
+        return run_training(spec, ctx, log)
     finally:
         teardown(ctx)
 
@@ -342,7 +231,6 @@ def _fit(run: _Run, start_step: int) -> dict[str, float]:
     and raises ``RunStopped``. Returns this process's throughput."""
     s, ctx = run.spec, run.ctx
     sched, trainer = s.sched, s.trainer
-    failure = parse_injected_failure(s.args.inject_failure)
     t0, steps_run, epoch_now = time.time(), 0, None
     bar = run.log.bar(sched.total_steps, start_step, "train")
     trainer.scheduler.step_update(start_step)
@@ -351,8 +239,6 @@ def _fit(run: _Run, start_step: int) -> dict[str, float]:
             if epoch != epoch_now:
                 trainer.scheduler.step(epoch)
                 epoch_now = epoch
-            if failure == (ctx.rank, run.step):
-                raise RuntimeError(f"--inject-failure: simulated failure on rank {ctx.rank} at step {run.step}")
             result = trainer.train_step(run.step, micro, lambda: signals.signum is not None)
             run.step += 1
             steps_run += 1
@@ -369,10 +255,8 @@ def _fit(run: _Run, start_step: int) -> dict[str, float]:
                 raise stopped(signals.signum or signal.SIGTERM, run.step, sched.total_steps, str(path))
             if s.recipe.checkpoint_every and run.step % s.recipe.checkpoint_every == 0 and run.step < sched.total_steps:
                 run.save()
-            if s.args.kill_after_steps is not None and run.step >= s.args.kill_after_steps:
-                bar.close()
-                run.log.line(f"--kill-after-steps {s.args.kill_after_steps}: killing this process (simulated crash)")
-                os.kill(os.getpid(), signal.SIGKILL)
+            for hook in s.step_hooks:
+                hook(run.step, ctx.rank)
     bar.close()
     train_time = time.time() - t0
     return {"train_time_s": train_time, "images_per_s": steps_run * sched.global_batch / train_time if steps_run else 0.0, "steps_run": steps_run}
@@ -415,8 +299,6 @@ def run_training(spec: RunSpec, ctx: DistContext, log: Logger) -> int:
 
 def effective_settings(spec_recipe: recipes.CommonRecipe, ctx: DistContext, micro: int, sync_bn: bool, compiled: bool, lr: float) -> dict[str, Any]:
     """What actually ran, for metrics.json ``effective`` (the recipe may ask for more than the device allows)."""
-    from reproduce.train.loop import autocast_dtype
-
     dtype = autocast_dtype(spec_recipe.amp, ctx.device)
     return {
         "amp": dtype is not None, "precision": precision_name(dtype), "sync_bn": sync_bn, "device": str(ctx.device), "micro_batch": micro,

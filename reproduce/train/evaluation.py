@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from reproduce.train.distributed import DistContext
-from reproduce.train.loop import autocast, ignore_stop_signals
+from reproduce.train.loop import autocast, ignore_stop_signals, unwrap
 from reproduce.train.seg_metrics import all_reduce_sum, confusion_matrix, scores
 
 
@@ -51,7 +51,7 @@ def shard_loader(dataset: Dataset, ctx: DistContext, batch_size: int, num_worker
 def evaluate_classification(model: nn.Module, dataset: Dataset, ctx: DistContext, options: EvalOptions) -> dict[str, float]:
     """Top-1/top-5 accuracy (%) and mean cross-entropy over the whole split."""
     model.eval()
-    net = getattr(model, "module", model)  # no DDP forward: shards may differ in batch count
+    net = unwrap(model)  # no DDP forward: shards may differ in batch count
     sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, images
     for images, targets in shard_loader(dataset, ctx, options.batch_size, options.num_workers):
         images, targets = images.to(ctx.device), targets.to(ctx.device)
@@ -100,7 +100,7 @@ def evaluate_segmentation(model: nn.Module, dataset: Dataset, ctx: DistContext, 
     num_classes = len(class_names)
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=ctx.device)
-    net = getattr(model, "module", model)  # no DDP forward: shards may differ in batch count
+    net = unwrap(model)  # no DDP forward: shards may differ in batch count
     for image, label in shard_loader(dataset, ctx, 1, options.num_workers):
         image, label = image.to(ctx.device), label.to(ctx.device)
         with autocast(ctx.device, options.dtype):

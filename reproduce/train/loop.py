@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from reproduce.cli import RunStopped, UsageError
+from reproduce.errors import RunStopped, UsageError
 from reproduce.data.datasets import SeededSamples, sample_seed
 from reproduce.train.distributed import DistContext, any_rank
 

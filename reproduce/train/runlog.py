@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from reproduce.params import DVCLIVE_DIR
 from reproduce.train.distributed import DistContext
-
-DVCLIVE_DIR = "dvclive"
 
 
 def memory_mb(device: torch.device) -> float:
@@ -45,7 +44,7 @@ class Logger:
     def open_live(self, output: Path, resume: bool) -> None:
         """Start DVCLive in ``output/dvclive`` (appending when the run resumes)."""
         if self.ctx.is_main:
-            from dvclive import Live
+            from dvclive import Live  # rank 0 only: the other ranks never load dvclive (and dvc's config machinery)
 
             self.live = Live(dir=str(output / DVCLIVE_DIR), resume=resume, save_dvc_exp=False, dvcyaml=None)
 

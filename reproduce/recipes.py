@@ -5,7 +5,10 @@ and proxy profiles change. The same fields give the command-line flags (``batch_
 checks every value must pass, and the validation of a recipe written elsewhere (params.yaml) with
 :func:`validate_recipe`, which names an unknown or ill-typed key together with what is accepted.
 Fields marked ``execution`` change how a run executes, not its numbers: they may differ when a run
-resumes.
+resumes. Fields marked ``result`` are the ones a reader compares with the paper: a run is a
+reproduction only when all of them equal the paper recipe (``reproduce.tables.status``). Neither
+mark: seed, precision, SyncBN, determinism and the size of generated data, which change a run's
+numbers without making it another recipe.
 """
 from __future__ import annotations
 
@@ -15,33 +18,30 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin
 
-from reproduce.cli import UsageError
+from reproduce.errors import SettingsError
 
-PROFILES = ("smoke", "proxy", "paper")
+PROFILES = ("smoke", "paper", "proxy")
 AMP_MODES = ("bf16", "fp16", "none")
 LR_SCALES = ("none", "linear")
 
 
-class SettingsError(UsageError):
-    """A recipe value, key or command-line setting that cannot work; raised before any data is read."""
-
-
-def _f(default: Any, help: str, *, check: str | None = None, execution: bool = False, flags: tuple[str, ...] = ()) -> Any:
-    """A recipe field: its help text, its range check ("positive", "nonneg", "fraction") and whether
-    it is an execution setting. ``flags`` are extra command-line aliases."""
-    return field(default=default, metadata={"help": help, "check": check, "execution": execution, "flags": flags})
+def _f(default: Any, help: str, *, check: str | None = None, execution: bool = False, result: bool = False,
+       flags: tuple[str, ...] = ()) -> Any:
+    """A recipe field: its help text, its range check ("positive", "nonneg", "fraction"), whether it is
+    an execution setting, and whether it is a ``result`` key. ``flags`` are extra command-line aliases."""
+    return field(default=default, metadata={"help": help, "check": check, "execution": execution, "result": result, "flags": flags})
 
 
 @dataclass(frozen=True)
 class CommonRecipe:
     """Settings every training kind has; a ``None`` default is filled per dataset or model."""
 
-    batch_size: int | None = _f(None, "global batch size (all ranks and accumulation steps together)", check="positive")
+    batch_size: int | None = _f(None, "global batch size (all ranks and accumulation steps together)", check="positive", result=True)
     accum_steps: int = _f(1, "gradient accumulation steps (per-rank micro-batch = batch / (world x accum)); BatchNorm then sees the micro-batch", check="positive", execution=True)
-    lr: float = _f(1e-3, "base learning rate at the paper's global batch", check="positive")
-    lr_scale: Literal["none", "linear"] = _f("none", "none: --lr as given; linear: --lr x batch / the paper's batch (the linear scaling rule)")
-    weight_decay: float = _f(0.05, "AdamW weight decay", check="nonneg")
-    drop_path: float | None = _f(None, "backbone stochastic-depth rate", check="fraction")
+    lr: float = _f(1e-3, "base learning rate at the paper's global batch", check="positive", result=True)
+    lr_scale: Literal["none", "linear"] = _f("none", "none: --lr as given; linear: --lr x batch / the paper's batch (the linear scaling rule)", result=True)
+    weight_decay: float = _f(0.05, "AdamW weight decay", check="nonneg", result=True)
+    drop_path: float | None = _f(None, "backbone stochastic-depth rate", check="fraction", result=True)
     seed: int = _f(0, "seed of initialisation, sample order and augmentation")
     amp: Literal["bf16", "fp16", "none"] = _f("fp16", "mixed precision: bf16 (CUDA and CPU), fp16 (CUDA only, with a GradScaler) or none; --amp alone = fp16")
     sync_bn: bool = _f(True, "SyncBatchNorm across GPUs (torch's SyncBN is GPU-only)")
@@ -58,25 +58,25 @@ class CommonRecipe:
 class PretrainRecipe(CommonRecipe):
     """ImageNet pretraining, the official HRViT/DeiT recipe (batch is global: 32/GPU x 32 GPUs)."""
 
-    batch_size: int | None = _f(1024, "global batch size (all ranks and accumulation steps together)", check="positive")
-    image_size: int = _f(224, "training/eval crop size in pixels (multiple of 32)", check="positive")
-    epochs: int = _f(300, "epochs before cool-down", check="positive")
-    warmup_epochs: int = _f(20, "linear warm-up epochs", check="nonneg")
-    cooldown_epochs: int = _f(10, "epochs at the minimum learning rate after the cosine", check="nonneg")
-    warmup_lr: float = _f(1e-6, "learning rate at the start of warm-up", check="nonneg")
-    min_lr: float = _f(1e-5, "cosine floor", check="nonneg")
-    clip_grad: float | None = _f(1.0, "gradient-norm clipping (None: off)", check="positive")
-    drop_path: float | None = _f(0.1, "backbone stochastic-depth rate", check="fraction")
-    head_drop: float = _f(0.1, "dropout before the classifier", check="fraction")
-    mixup: float = _f(0.8, "Mixup alpha (0: off)", check="nonneg")
-    cutmix: float = _f(1.0, "CutMix alpha (0: off)", check="nonneg")
-    smoothing: float = _f(0.1, "label smoothing", check="fraction")
-    auto_augment: str = _f("rand-m9-mstd0.5-inc1", "timm RandAugment policy")
-    reprob: float = _f(0.25, "random-erasing probability", check="fraction")
-    color_jitter: float = _f(0.4, "colour jitter", check="nonneg")
-    train_interpolation: str = _f("random", "training resize interpolation")
-    eval_crop_pct: float = _f(0.9, "evaluation centre-crop fraction", check="positive")
-    eval_interpolation: str = _f("bicubic", "evaluation resize interpolation")
+    batch_size: int | None = _f(1024, "global batch size (all ranks and accumulation steps together)", check="positive", result=True)
+    image_size: int = _f(224, "training/eval crop size in pixels (multiple of 32)", check="positive", result=True)
+    epochs: int = _f(300, "epochs before cool-down", check="positive", result=True)
+    warmup_epochs: int = _f(20, "linear warm-up epochs", check="nonneg", result=True)
+    cooldown_epochs: int = _f(10, "epochs at the minimum learning rate after the cosine", check="nonneg", result=True)
+    warmup_lr: float = _f(1e-6, "learning rate at the start of warm-up", check="nonneg", result=True)
+    min_lr: float = _f(1e-5, "cosine floor", check="nonneg", result=True)
+    clip_grad: float | None = _f(1.0, "gradient-norm clipping (None: off)", check="positive", result=True)
+    drop_path: float | None = _f(0.1, "backbone stochastic-depth rate", check="fraction", result=True)
+    head_drop: float = _f(0.1, "dropout before the classifier", check="fraction", result=True)
+    mixup: float = _f(0.8, "Mixup alpha (0: off)", check="nonneg", result=True)
+    cutmix: float = _f(1.0, "CutMix alpha (0: off)", check="nonneg", result=True)
+    smoothing: float = _f(0.1, "label smoothing", check="fraction", result=True)
+    auto_augment: str = _f("rand-m9-mstd0.5-inc1", "timm RandAugment policy", result=True)
+    reprob: float = _f(0.25, "random-erasing probability", check="fraction", result=True)
+    color_jitter: float = _f(0.4, "colour jitter", check="nonneg", result=True)
+    train_interpolation: str = _f("random", "training resize interpolation", result=True)
+    eval_crop_pct: float = _f(0.9, "evaluation centre-crop fraction", check="positive", result=True)
+    eval_interpolation: str = _f("bicubic", "evaluation resize interpolation", result=True)
     eval_every: int = _f(1, "evaluate every N epochs and keep best.pt by top-1 (0: only at the end)", check="nonneg", execution=True)
     seed: int = _f(42, "seed of initialisation, sample order and augmentation")
     num_workers: int = _f(8, "data-loader worker processes per rank (persistent)", check="nonneg", execution=True)
@@ -89,22 +89,22 @@ class FinetuneRecipe(CommonRecipe):
     """Segmentation fine-tuning, the official SegFormer/HRViT mmseg recipe; crop, batch and test mode
     come from the dataset, drop-path from the model, when left at None."""
 
-    crop_size: int | None = _f(None, "training crop (Cityscapes 1024, ADE20K 512; generated scenes are crop x 2*crop)", check="positive")
-    iters: int = _f(160000, "training iterations", check="positive", flags=("--steps",))
-    warmup_iters: int = _f(1500, "linear warm-up iterations", check="nonneg")
-    warmup_ratio: float = _f(1e-6, "warm-up starts at lr x this", check="nonneg")
-    lr: float = _f(6e-5, "base learning rate at the paper's global batch", check="positive")
-    head_lr_mult: float = _f(10.0, "decode-head learning-rate multiplier", check="positive")
-    weight_decay: float = _f(0.01, "AdamW weight decay (none on LayerNorm)", check="nonneg")
-    poly_power: float = _f(1.0, "poly schedule power", check="positive")
-    min_lr: float = _f(0.0, "poly floor", check="nonneg")
-    ratio_range: tuple[float, float] = _f((0.5, 2.0), "random resize ratio range", check="positive")
-    cat_max_ratio: float = _f(0.75, "largest share of one class in a crop", check="fraction")
-    flip_prob: float = _f(0.5, "horizontal flip probability", check="fraction")
-    photometric: bool = _f(True, "photometric distortion")
-    test_mode: Literal["slide", "whole"] | None = _f(None, "test-time inference: slide (Cityscapes) or whole (ADE20K)")
-    test_crop: int | None = _f(None, "sliding-window size (default: the crop size)", check="positive")
-    test_stride: int | None = _f(None, "sliding-window stride (default: 3/4 of the window, Cityscapes' 768 for 1024)", check="positive")
+    crop_size: int | None = _f(None, "training crop (Cityscapes 1024, ADE20K 512; generated scenes are crop x 2*crop)", check="positive", result=True)
+    iters: int = _f(160000, "training iterations", check="positive", flags=("--steps",), result=True)
+    warmup_iters: int = _f(1500, "linear warm-up iterations", check="nonneg", result=True)
+    warmup_ratio: float = _f(1e-6, "warm-up starts at lr x this", check="nonneg", result=True)
+    lr: float = _f(6e-5, "base learning rate at the paper's global batch", check="positive", result=True)
+    head_lr_mult: float = _f(10.0, "decode-head learning-rate multiplier", check="positive", result=True)
+    weight_decay: float = _f(0.01, "AdamW weight decay (none on LayerNorm)", check="nonneg", result=True)
+    poly_power: float = _f(1.0, "poly schedule power", check="positive", result=True)
+    min_lr: float = _f(0.0, "poly floor", check="nonneg", result=True)
+    ratio_range: tuple[float, float] = _f((0.5, 2.0), "random resize ratio range", check="positive", result=True)
+    cat_max_ratio: float = _f(0.75, "largest share of one class in a crop", check="fraction", result=True)
+    flip_prob: float = _f(0.5, "horizontal flip probability", check="fraction", result=True)
+    photometric: bool = _f(True, "photometric distortion", result=True)
+    test_mode: Literal["slide", "whole"] | None = _f(None, "test-time inference: slide (Cityscapes) or whole (ADE20K)", result=True)
+    test_crop: int | None = _f(None, "sliding-window size (default: the crop size)", check="positive", result=True)
+    test_stride: int | None = _f(None, "sliding-window stride (default: 3/4 of the window, Cityscapes' 768 for 1024)", check="positive", result=True)
     eval_every: int = _f(16000, "evaluate every N iterations and keep best.pt by mIoU (0: only at the end)", check="nonneg", execution=True)
     eval_batch_size: int = _f(4, "evaluation batch (classification: global images; segmentation: sliding windows per forward)", check="positive", execution=True)
     synthetic_size: int | None = _f(200, "generated data: images per split", check="positive")
@@ -245,6 +245,11 @@ def from_record(kind: str, record: dict[str, Any]) -> CommonRecipe:
 
 def execution_keys(kind: str) -> tuple[str, ...]:
     return tuple(f.name for f in fields(recipe_class(kind)) if f.metadata["execution"])
+
+
+def result_keys(kind: str) -> tuple[str, ...]:
+    """The fields that make a recipe the paper's or another one, in field order."""
+    return tuple(f.name for f in fields(recipe_class(kind)) if f.metadata["result"])
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
