@@ -29,13 +29,13 @@ from torch.utils.data import Dataset
 
 from models.factory import check_model_name
 from reproduce.data import layouts, synthetic
-from reproduce.train import recipes
+from reproduce.train import compilation, recipes
 from reproduce.train.checkpointing import (
     BEST_NAME, CHECKPOINT_FORMAT, CHECKPOINT_NAME, METRICS_NAME, WEIGHTS_NAME, atomic_write, identity_diff, load_checkpoint, run_fingerprint,
     save_checkpoint, save_weights, write_metrics,
 )
 from reproduce.train.distributed import DistContext, average_bn_stats, barrier, env_world_size, gather_digests, gather_objects, setup, teardown
-from reproduce.train.loop import Preemption, Schedule, Trainer, precision_name, step_batches, stopped, unwrap
+from reproduce.train.loop import PendingStep, Preemption, Schedule, Trainer, precision_name, step_batches, stopped, unwrap
 from reproduce.train.recipes import SettingsError
 from reproduce.train.runlog import Logger, memory_mb
 
@@ -56,7 +56,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, kind: str, default_dat
     parser.add_argument("--ablate", nargs="+", default=None, metavar="NAME", help="HRViT only: techniques to turn off (models.hrvit.ABLATIONS, or 'all')")
     parser.add_argument("--window-sizes", nargs=4, type=int, default=None, metavar=("A", "B", "C", "D"), help="HRViT only: stripe width per branch, e.g. 1 2 7 7")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (default off)")
+    compilation.add_compile_arguments(parser)
     parser.add_argument("--no-resume", action="store_true", help="start from scratch even if OUTPUT/checkpoint.pt exists")
     parser.add_argument("--kill-after-steps", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGKILL self after K steps
     parser.add_argument("--inject-failure", default=None, metavar="RANK:STEP", help=argparse.SUPPRESS)  # tests: raise on RANK at STEP
@@ -145,14 +145,14 @@ def use_sync_bn(recipe: recipes.CommonRecipe, ctx: DistContext) -> bool:
     return recipe.sync_bn and ctx.distributed and ctx.device.type == "cuda"
 
 
-def wrap_model(model: nn.Module, ctx: DistContext, sync_bn: bool, compile_model: bool) -> nn.Module:
+def wrap_model(model: nn.Module, ctx: DistContext, sync_bn: bool, compile_mode: str | None) -> nn.Module:
     """Move to the rank's device, convert BN to SyncBN when asked, compile in place (state-dict keys
-    unchanged) when asked, and wrap in DDP when distributed."""
+    unchanged) with ``compile_mode`` unless None, and wrap in DDP when distributed."""
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(ctx.device)
-    if compile_model:
-        model.compile()
+    if compile_mode is not None:
+        model.compile(mode=compile_mode)
     if ctx.distributed:
         model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     return model
@@ -328,22 +328,32 @@ class _Run:
         return result
 
 
-def _log_step(run: _Run, epoch: int, loss: float, grad_norm: float, rate: float) -> None:
-    s, step = run.spec, run.step
-    lr = max(g["lr"] for g in s.trainer.optimizer.param_groups)
+def _line_due(run: _Run, step: int) -> bool:
+    s = run.spec
+    return step % s.recipe.log_every == 0 or step % s.sched.steps_per_epoch == 0 or step == s.sched.total_steps
+
+
+def _log_step(run: _Run, step: int, epoch: int, lr: float, loss: float, grad_norm: float, rate: float) -> None:
+    s = run.spec
     mem = memory_mb(run.ctx.device)
     run.log.metrics(step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "train/images_per_s": rate, "train/memory_mb": mem})
-    if step % s.recipe.log_every == 0 or step % s.sched.steps_per_epoch == 0 or step == s.sched.total_steps:
+    if _line_due(run, step):
         run.log.line(f"epoch {epoch} step {step}/{s.sched.total_steps} loss {loss:.4f} lr {lr:.3g} grad-norm {grad_norm:.3g} {rate:.1f} img/s {mem:.0f} MB")
 
 
 def _fit(run: _Run, start_step: int) -> dict[str, float]:
     """Steps ``start_step .. total - 1`` with periodic checkpoints and evaluations; a stop signal saves
-    and raises ``RunStopped``. Returns this process's throughput."""
+    and raises ``RunStopped``. Returns this process's throughput.
+
+    The device's values (losses, gradient norms, non-finite flags) are read, and a stop request agreed
+    over ranks, only at steps that log a line, evaluate, checkpoint or end: between them the CPU queues
+    steps without waiting for the GPU. A stop signal is therefore honoured at the next such step (at
+    most ``--log-every`` steps later), and a non-finite step, which applied nothing, is reported there."""
     s, ctx = run.spec, run.ctx
     sched, trainer = s.sched, s.trainer
     failure = parse_injected_failure(s.args.inject_failure)
     t0, steps_run, epoch_now = time.time(), 0, None
+    pending: list[tuple[int, float, float, PendingStep]] = []  # epoch, lr, images/s, the step
     bar = run.log.bar(sched.total_steps, start_step, "train")
     trainer.scheduler.step_update(start_step)
     with Preemption() as signals:
@@ -353,23 +363,35 @@ def _fit(run: _Run, start_step: int) -> dict[str, float]:
                 epoch_now = epoch
             if failure == (ctx.rank, run.step):
                 raise RuntimeError(f"--inject-failure: simulated failure on rank {ctx.rank} at step {run.step}")
-            result = trainer.train_step(run.step, micro, lambda: signals.signum is not None)
+            queued = trainer.enqueue_step(run.step, micro)
             run.step += 1
             steps_run += 1
             trainer.scheduler.step_update(run.step)
             bar.update(1)
             rate = steps_run * sched.global_batch / max(time.time() - t0, 1e-9)
-            _log_step(run, epoch, result.loss, result.grad_norm, rate)
-            if s.eval_every_steps and run.step % s.eval_every_steps == 0 and run.step < sched.total_steps:
+            pending.append((epoch, max(g["lr"] for g in trainer.optimizer.param_groups), rate, queued))
+            evaluate = s.eval_every_steps and run.step % s.eval_every_steps == 0 and run.step < sched.total_steps
+            save = s.recipe.checkpoint_every and run.step % s.recipe.checkpoint_every == 0 and run.step < sched.total_steps
+            kill = s.args.kill_after_steps is not None and run.step >= s.args.kill_after_steps
+            if not (_line_due(run, run.step) or evaluate or save or kill):
+                continue
+            results = trainer.read([p for *_, p in pending], signals.signum is not None)
+            for (epoch_i, lr, rate_i, p), result in zip(pending, results):
+                _log_step(run, p.step + 1, epoch_i, lr, result.loss, result.grad_norm, rate_i)
+            breaks = trainer.compilation.breaks_line() if steps_run == len(pending) else None  # first read: the graphs exist now
+            if breaks:
+                run.log.line(breaks)
+            pending.clear()
+            if evaluate:
                 run.evaluate()
             run.log.flush()
-            if result.stop:
+            if results[-1].stop:
                 bar.close()
                 path = run.save()
                 raise stopped(signals.signum or signal.SIGTERM, run.step, sched.total_steps, str(path))
-            if s.recipe.checkpoint_every and run.step % s.recipe.checkpoint_every == 0 and run.step < sched.total_steps:
+            if save:
                 run.save()
-            if s.args.kill_after_steps is not None and run.step >= s.args.kill_after_steps:
+            if kill:
                 bar.close()
                 run.log.line(f"--kill-after-steps {s.args.kill_after_steps}: killing this process (simulated crash)")
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -407,6 +429,7 @@ def run_training(spec: RunSpec, ctx: DistContext, log: Logger) -> int:
             **spec.metrics_extras, "resumed_from_step": start_step or None, "eval_history": run.history, "best": run.best,
             "ranks_identical": len(set(digests)) == 1 if ctx.distributed else None, "param_digests": digests,
             "checkpoint": str(spec.args.output / CHECKPOINT_NAME), "weights": str(spec.args.output / WEIGHTS_NAME), "git_commit": git_commit(),
+            **spec.trainer.compilation.metrics(),
         }
         write_metrics(spec.args.output / METRICS_NAME, metrics)
         log.line(f"wrote {spec.args.output / METRICS_NAME}")

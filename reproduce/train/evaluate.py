@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
             samples, _ = finetune.index_data(ctx, args.dataset, root, args.output)
             dataset = finetune.build_dataset(args.dataset, samples[args.split], recipe, augment=False)
             options = dataclasses.replace(options, batch_size=recipe.eval_batch_size)
-        model = engine.wrap_model(model, ctx, sync_bn=False, compile_model=args.compile)
+        model = engine.wrap_model(model, ctx, sync_bn=False, compile_mode="default" if args.compile else None)
         data_source = "generated" if args.dataset == "synthetic" else str(root)
         log.line(f"{name} ({task}, {origin}) on {args.dataset} {args.split}: {len(dataset)} images, world {ctx.world_size}")
         if task == "cls":

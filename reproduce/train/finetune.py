@@ -22,9 +22,9 @@ from models.weights import FORMATS, SUITE_FORMATS, WeightsError, detect_format, 
 from reproduce.data import layouts
 from reproduce.data.datasets import SEG_DATASETS, SegDatasetInfo, SegmentationDataset, seg_layout, synthetic_seg_scale
 from reproduce.data.seg_transforms import IGNORE_INDEX, SegTestTransform, SegTrainTransform
-from reproduce.train import distributed, engine, recipes
+from reproduce.train import compilation, distributed, engine, recipes
 from reproduce.train.evaluation import EvalOptions, SegTest, evaluate_segmentation
-from reproduce.train.loop import Trainer, make_schedule, unwrap
+from reproduce.train.loop import Trainer, make_schedule, optimizer_options, unwrap
 from reproduce.train.runlog import Logger
 
 # Backbone drop-path of the official configs (docs/recipes.md#segmentation-fine-tuning); other backbones keep MiT's 0.1.
@@ -72,6 +72,7 @@ def validate(args: argparse.Namespace) -> tuple[recipes.FinetuneRecipe, dict[str
         raise engine.SettingsError(f"--dataset {args.dataset} needs --data-root")
     recipe = with_test_window(engine.resolve_recipe(profile_defaults(args.profile, args.dataset, args.model), args))
     micro = engine.validate_common(args.model, recipe)
+    compilation.check_arguments(args)
     engine.check_multiple_of_32("--crop-size", recipe.crop_size)
     engine.check_multiple_of_32("--test-crop", recipe.test_crop)
     if not 0 < recipe.test_stride <= recipe.test_crop:
@@ -214,9 +215,10 @@ def _train(args, recipe, settings, micro, ctx, start) -> int:
     data_source = "generated" if args.dataset == "synthetic" else str(root)
     log.line(f"{args.model} on {args.dataset} ({data_source}): {len(train_set)} train / {len(val_set)} val images, {info.num_classes} classes, world {ctx.world_size}")
     sync_bn = engine.use_sync_bn(recipe, ctx)
-    model = engine.wrap_model(model, ctx, sync_bn, args.compile)
+    compiled = compilation.prepare(args.compile, args.compile_mode, args.profile, ctx.device, sync_bn, args.output, log.line)
+    model = engine.wrap_model(model, ctx, sync_bn, compiled.mode)
     lr = engine.effective_lr(recipe, info.paper_batch)
-    optimizer = create_optimizer_v2(param_groups(unwrap(model), lr, recipe.weight_decay, recipe.head_lr_mult), opt="adamw", lr=lr, weight_decay=recipe.weight_decay)
+    optimizer = create_optimizer_v2(param_groups(unwrap(model), lr, recipe.weight_decay, recipe.head_lr_mult), opt="adamw", lr=lr, weight_decay=recipe.weight_decay, **optimizer_options(ctx.device))
     scheduler = PolyLRScheduler(
         optimizer, t_initial=recipe.iters, power=recipe.poly_power, lr_min=recipe.min_lr,
         warmup_t=recipe.warmup_iters, warmup_lr_init=lr * recipe.warmup_ratio, t_in_epochs=False,
@@ -228,8 +230,8 @@ def _train(args, recipe, settings, micro, ctx, start) -> int:
         logits = F.interpolate(net(images), size=labels.shape[-2:], mode="bilinear", align_corners=False)
         return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
 
-    trainer = Trainer(ctx, model, optimizer, scheduler, loss_fn, recipe.amp, None, recipe.seed)
-    effective = engine.effective_settings(recipe, ctx, micro, sync_bn, args.compile, lr)
+    trainer = Trainer(ctx, model, optimizer, scheduler, loss_fn, recipe.amp, None, recipe.seed, compiled)
+    effective = engine.effective_settings(recipe, ctx, micro, sync_bn, compiled.mode is not None, lr)
     engine.note_accumulation(log, effective, recipe.batch_size)
     test = SegTest(recipe.test_mode, recipe.test_crop, recipe.test_stride)
     spec = engine.RunSpec(

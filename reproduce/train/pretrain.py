@@ -20,9 +20,9 @@ from timm.scheduler import create_scheduler_v2
 from models.factory import build_model
 from reproduce.data import layouts
 from reproduce.data.datasets import ImageClassDataset, fix_posterize
-from reproduce.train import distributed, engine, recipes
+from reproduce.train import compilation, distributed, engine, recipes
 from reproduce.train.evaluation import EvalOptions, evaluate_classification
-from reproduce.train.loop import Trainer, make_schedule, unwrap
+from reproduce.train.loop import Trainer, make_schedule, optimizer_options, unwrap
 from reproduce.train.runlog import Logger
 
 DATASETS = ("synthetic", "imagenet")
@@ -45,6 +45,7 @@ def validate(args: argparse.Namespace) -> tuple[recipes.PretrainRecipe, dict[str
     if args.dataset == "imagenet" and not args.data_root.is_dir():
         raise engine.SettingsError(f"--data-root {args.data_root} does not exist (expected the folder holding train/ and val/)")
     micro = engine.validate_common(args.model, recipe)
+    compilation.check_arguments(args)
     engine.check_multiple_of_32("--image-size", recipe.image_size)
     if (recipe.mixup > 0 or recipe.cutmix > 0) and micro % 2:
         raise engine.SettingsError(f"Mixup/CutMix in batch mode needs an even per-rank micro-batch, got {micro}")
@@ -96,9 +97,10 @@ def _train(args, recipe, settings, micro, ctx, start) -> int:
     engine.seed_everything(recipe.seed)  # identical initial weights on every rank
     model = build_model(args.model, "cls", num_classes=len(classes), drop_rate=recipe.head_drop, **engine.model_kwargs(args.model, settings))
     sync_bn = engine.use_sync_bn(recipe, ctx)
-    model = engine.wrap_model(model, ctx, sync_bn, args.compile)
+    compiled = compilation.prepare(args.compile, args.compile_mode, args.profile, ctx.device, sync_bn, args.output, log.line)
+    model = engine.wrap_model(model, ctx, sync_bn, compiled.mode)
     lr = engine.effective_lr(recipe, PAPER_BATCH)
-    optimizer = create_optimizer_v2(unwrap(model), opt="adamw", lr=lr, weight_decay=recipe.weight_decay)
+    optimizer = create_optimizer_v2(unwrap(model), opt="adamw", lr=lr, weight_decay=recipe.weight_decay, **optimizer_options(ctx.device))
     sched = make_schedule(ctx, len(train_set), micro, recipe.accum_steps, epochs=recipe.epochs + recipe.cooldown_epochs)
     scheduler, total_epochs = create_scheduler_v2(
         optimizer, sched="cosine", num_epochs=recipe.epochs, warmup_epochs=recipe.warmup_epochs, warmup_lr=recipe.warmup_lr,
@@ -118,8 +120,8 @@ def _train(args, recipe, settings, micro, ctx, start) -> int:
             return soft_ce(net(images).float(), soft)
         return F.cross_entropy(net(images).float(), targets, label_smoothing=recipe.smoothing)
 
-    trainer = Trainer(ctx, model, optimizer, scheduler, loss_fn, recipe.amp, recipe.clip_grad, recipe.seed)
-    effective = engine.effective_settings(recipe, ctx, micro, sync_bn, args.compile, lr)
+    trainer = Trainer(ctx, model, optimizer, scheduler, loss_fn, recipe.amp, recipe.clip_grad, recipe.seed, compiled)
+    effective = engine.effective_settings(recipe, ctx, micro, sync_bn, compiled.mode is not None, lr)
     engine.note_accumulation(log, effective, recipe.batch_size)
     spec = engine.RunSpec(
         args, trainer, train_set, sched, recipe,
