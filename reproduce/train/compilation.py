@@ -4,9 +4,9 @@ uses, what cannot be captured, the compile cache in the run folder, and the comp
 The modes are torch's: ``default`` (inductor kernels), ``reduce-overhead`` (plus CUDA graphs, which
 replay a step's kernels with one launch), ``max-autotune`` (plus autotuned GEMM/conv kernels, and CUDA
 graphs) and ``max-autotune-no-cudagraphs``. Graph breaks are allowed: the parts dynamo cannot trace
-run eagerly between compiled graphs, and the run says how many there were. SyncBatchNorm all-reduces
-inside the forward and backward, which a CUDA graph cannot capture, so the CUDA-graph modes fall back
-to their variant without graphs when SyncBN is on.
+run eagerly between compiled graphs, and the run says how many there were. SyncBatchNorm runs
+collectives inside its forward and backward, which are not captured into CUDA graphs, so the
+CUDA-graph modes fall back to their variant without graphs when SyncBN is on.
 
 Inductor caches its generated code and autotuning results under ``TORCHINDUCTOR_CACHE_DIR``, by
 default node-local ``/tmp``; a run points it at ``OUTPUT/compile-cache`` (unless the variable is set
@@ -64,7 +64,7 @@ def capturable_mode(mode: str, sync_bn: bool) -> tuple[str, str | None]:
     """``mode`` itself, or with SyncBN the same mode without CUDA graphs and the line that says so."""
     if sync_bn and mode in WITHOUT_CUDA_GRAPHS:
         fallback = WITHOUT_CUDA_GRAPHS[mode]
-        return fallback, f"compile mode {mode}: SyncBatchNorm's all-reduce cannot be captured in a CUDA graph; compiling with {fallback} instead"
+        return fallback, f"compile mode {mode}: SyncBatchNorm's collectives are not captured into CUDA graphs; compiling with {fallback} instead"
     return mode, None
 
 

@@ -8,6 +8,11 @@ step, batch size), never on the number of processes: 2 ranks x 1 accumulation st
 accumulation steps read the same micro-batches, and a run may resume on another world size when
 the global batch is unchanged. Every random draw (augmentation, mixup, drop-path) is seeded from
 (seed, epoch or step, index), so a resumed run replays what an uninterrupted one would do.
+
+Reads. A step leaves its loss, gradient norm and non-finite flags on the device; the caller reads
+them (:meth:`Trainer.read`), and agrees a stop request over ranks, only every ``--log-every`` steps
+and at checkpoints, evaluations and epoch ends, so on a GPU the CPU queues the next steps instead of
+waiting for each one. A stop signal is honoured at the next read, at most ``--log-every`` steps late.
 """
 from __future__ import annotations
 
@@ -144,14 +149,17 @@ def _ready(epoch: int, micro: list, copied: torch.cuda.Event, device: torch.devi
     """Make the compute stream wait for the copy, and tell the allocator the copies are used there."""
     compute = torch.cuda.current_stream(device)
     compute.wait_event(copied)
-    stack = [micro]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, torch.Tensor):
-            item.record_stream(compute)
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
+    for tensor in _tensors(micro):
+        tensor.record_stream(compute)
     return epoch, micro
+
+
+def _tensors(batch: Any) -> Iterator[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, (list, tuple)):
+        for item in batch:
+            yield from _tensors(item)
 
 
 # --------------------------------------------------------------------------- precision
@@ -335,12 +343,12 @@ class Trainer:
         stop = torch.tensor([float(stop_requested)], device=self.ctx.device)
         if self.ctx.distributed:
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        values = torch.cat([torch.cat([torch.stack([*p.losses, p.grad_norm]).double(), p.flags.double()]) for p in pending] + [stop.double()]).tolist()
-        results, offset = [], 0
+        rows = [torch.cat([torch.stack([*p.losses, p.grad_norm]), p.flags]).double() for p in pending]
+        values = iter(torch.cat([*rows, stop.double()]).tolist())
+        results = []
         for p in pending:
-            losses = values[offset : offset + len(p.losses)]
-            grad_norm, loss_bad, grads_bad = values[offset + len(p.losses) : offset + len(p.losses) + 3]
-            offset += len(p.losses) + 3
+            losses = [next(values) for _ in p.losses]
+            grad_norm, loss_bad, grads_bad = next(values), next(values), next(values)
             if loss_bad or (grads_bad and not self.scaler.is_enabled()):
                 what = "loss" if loss_bad else "gradient norm"
                 raise RunStopped(f"error: the {what} is not finite at step {p.step} (checked on all {self.ctx.world_size} rank(s); "
@@ -349,7 +357,7 @@ class Trainer:
             for value in losses:
                 total += value / len(losses)
             results.append(StepResult(total, grad_norm, False))
-        results[-1].stop = bool(values[-1])
+        results[-1].stop = bool(next(values))
         return results
 
 
