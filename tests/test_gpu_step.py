@@ -94,6 +94,24 @@ def test_batches_arrive_on_the_gpu_with_their_values():
         assert epoch == want_epoch and all(t.is_cuda and torch.equal(t.cpu(), w) for t, w in zip(micro[0], want[0]))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_queued_steps_never_wait_for_the_gpu():
+    """No host synchronisation from the prefetch to the optimizer step, a skipped non-finite step included."""
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).to(cuda)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, **loop.optimizer_options(cuda))
+    trainer = Trainer(DistContext(0, 1, 0, cuda), model, optimizer, None, _square_loss, "bf16", 1.0, 0)
+    steps = [(0, [(torch.randn(2, 4).pin_memory(), "loss" if i == 1 else None)]) for i in range(3)]
+    torch.cuda.set_sync_debug_mode("error")  # a synchronising call raises
+    try:
+        pending = [trainer.enqueue_step(i, micro) for i, (_, micro) in enumerate(prefetch_to_device(iter(steps), cuda))]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(RunStopped, match="the loss is not finite at step 1 "):
+        trainer.read(pending, stop_requested=False)
+
+
 # ------------------------------------------------------------------ the run
 
 
