@@ -182,24 +182,26 @@ def test_no_compile_with_a_compile_mode_is_refused(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # refused before any work
 
 
-@pytest.mark.parametrize("mode, sync_bn, used", [
-    ("reduce-overhead", True, "default"), ("max-autotune", True, "max-autotune-no-cudagraphs"),
-    ("max-autotune", False, "max-autotune"), ("default", True, "default"),
+@pytest.mark.parametrize("mode, sync_bn, accum, used", [
+    ("reduce-overhead", True, 1, "default"), ("max-autotune", True, 1, "max-autotune-no-cudagraphs"),
+    ("reduce-overhead", False, 2, "default"), ("max-autotune", False, 1, "max-autotune"), ("default", True, 2, "default"),
 ])
-def test_cuda_graph_modes_fall_back_without_graphs_under_sync_bn(mode, sync_bn, used):
-    chosen, note = compilation.capturable_mode(mode, sync_bn)
+def test_cuda_graph_modes_fall_back_without_graphs_under_sync_bn_or_accumulation(mode, sync_bn, accum, used):
+    chosen, note = compilation.capturable_mode(mode, sync_bn, accum)
     assert chosen == used and (note is not None) == (used != mode)
+    assert note is None or note.startswith(f"compile mode {mode}: ") and note.endswith(f"compiling with {used} instead")
 
 
 def test_the_run_compiles_with_the_mode_and_records_it(tmp_path, monkeypatch, capsys):
     """Wiring only: the recorded ``Module.compile`` call does not compile (HRViT takes minutes)."""
-    calls = []
+    calls, graph_steps = [], []
     monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: graph_steps.append(1))
     monkeypatch.delenv(compilation.CACHE_ENV, raising=False)
     run = tmp_path / "run"
     argv = ["pretrain", *TINY, "--epochs", "1", "--compile-mode", "reduce-overhead", "--data-root", str(tmp_path / "data"), "--output", str(run)]
     assert main(argv) == 0
-    assert calls == [{"mode": "reduce-overhead"}]
+    assert calls == [{"mode": "reduce-overhead"}] and len(graph_steps) == 4  # each step starts a new CUDA-graph generation
     assert os.environ[compilation.CACHE_ENV] == str((run / compilation.CACHE_DIR).resolve())
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["compile_mode"] == "reduce-overhead" and metrics["compile_s"] >= 0 and metrics["effective"]["compile"] is True

@@ -4,9 +4,10 @@ uses, what cannot be captured, the compile cache in the run folder, and the comp
 The modes are torch's: ``default`` (inductor kernels), ``reduce-overhead`` (plus CUDA graphs, which
 replay a step's kernels with one launch), ``max-autotune`` (plus autotuned GEMM/conv kernels, and CUDA
 graphs) and ``max-autotune-no-cudagraphs``. Graph breaks are allowed: the parts dynamo cannot trace
-run eagerly between compiled graphs, and the run says how many there were. SyncBatchNorm runs
-collectives inside its forward and backward, which are not captured into CUDA graphs, so the
-CUDA-graph modes fall back to their variant without graphs when SyncBN is on.
+run eagerly between compiled graphs, and the run says how many there were. The CUDA-graph modes fall
+back to their variant without graphs where graphs would be wrong: with SyncBatchNorm (collectives
+inside its forward and backward are not captured) and with gradient accumulation (a replay rewrites
+the memory of the previous micro-batch's gradients, which accumulation still adds to).
 
 Inductor caches its generated code and autotuning results under ``TORCHINDUCTOR_CACHE_DIR``, by
 default node-local ``/tmp``; a run points it at ``OUTPUT/compile-cache`` (unless the variable is set
@@ -60,12 +61,14 @@ def resolve_mode(compile_flag: bool | None, mode: str | None, profile: str, devi
     return preset
 
 
-def capturable_mode(mode: str, sync_bn: bool) -> tuple[str, str | None]:
-    """``mode`` itself, or with SyncBN the same mode without CUDA graphs and the line that says so."""
-    if sync_bn and mode in WITHOUT_CUDA_GRAPHS:
-        fallback = WITHOUT_CUDA_GRAPHS[mode]
-        return fallback, f"compile mode {mode}: SyncBatchNorm's collectives are not captured into CUDA graphs; compiling with {fallback} instead"
-    return mode, None
+def capturable_mode(mode: str, sync_bn: bool, accum_steps: int) -> tuple[str, str | None]:
+    """``mode`` itself, or (SyncBN, gradient accumulation) the same mode without CUDA graphs and the line that says so."""
+    if mode not in WITHOUT_CUDA_GRAPHS or not (sync_bn or accum_steps > 1):
+        return mode, None
+    fallback = WITHOUT_CUDA_GRAPHS[mode]
+    why = "SyncBatchNorm's collectives are not captured into CUDA graphs" if sync_bn else \
+        f"gradient accumulation (x{accum_steps}) would add to gradients that the next graph replay overwrites"
+    return fallback, f"compile mode {mode}: {why}; compiling with {fallback} instead"
 
 
 def use_cache_dir(output: Path) -> Path:
@@ -97,6 +100,10 @@ class Compilation:
     seconds_before: float = 0.0
     breaks_before: Counter = field(default_factory=Counter)
 
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.mode in WITHOUT_CUDA_GRAPHS
+
     @classmethod
     def eager(cls) -> "Compilation":
         return cls(None)
@@ -124,14 +131,14 @@ class Compilation:
         return {"compile_mode": self.mode, "compile_s": self.seconds(), "compile_graph_breaks": sum(self.graph_breaks().values()) if self.mode else None}
 
 
-def prepare(compile_flag: bool | None, mode: str | None, profile: str, device: torch.device, sync_bn: bool, output: Path,
-            log: Callable[[str], None]) -> Compilation:
-    """Resolve the run's compile mode, fall back from CUDA graphs under SyncBN, point the cache at the
-    run folder, and say what was chosen; the model is compiled by ``engine.wrap_model``."""
+def prepare(compile_flag: bool | None, mode: str | None, profile: str, device: torch.device, sync_bn: bool, accum_steps: int,
+            output: Path, log: Callable[[str], None]) -> Compilation:
+    """Resolve the run's compile mode, fall back from CUDA graphs where they would be wrong, point the
+    cache at the run folder, and say what was chosen; the model is compiled by ``engine.wrap_model``."""
     resolved = resolve_mode(compile_flag, mode, profile, device)
     if resolved is None:
         return Compilation.eager()
-    resolved, note = capturable_mode(resolved, sync_bn)
+    resolved, note = capturable_mode(resolved, sync_bn, accum_steps)
     if note:
         log(note)
     cache = use_cache_dir(output)

@@ -215,7 +215,7 @@ def _train(args, recipe, settings, micro, ctx, start) -> int:
     data_source = "generated" if args.dataset == "synthetic" else str(root)
     log.line(f"{args.model} on {args.dataset} ({data_source}): {len(train_set)} train / {len(val_set)} val images, {info.num_classes} classes, world {ctx.world_size}")
     sync_bn = engine.use_sync_bn(recipe, ctx)
-    compiled = compilation.prepare(args.compile, args.compile_mode, args.profile, ctx.device, sync_bn, args.output, log.line)
+    compiled = compilation.prepare(args.compile, args.compile_mode, args.profile, ctx.device, sync_bn, recipe.accum_steps, args.output, log.line)
     model = engine.wrap_model(model, ctx, sync_bn, compiled.mode)
     lr = engine.effective_lr(recipe, info.paper_batch)
     optimizer = create_optimizer_v2(param_groups(unwrap(model), lr, recipe.weight_decay, recipe.head_lr_mult), opt="adamw", lr=lr, weight_decay=recipe.weight_decay, **optimizer_options(ctx.device))

@@ -302,6 +302,8 @@ class Trainer:
         self.model.train()
         losses = []
         for i, batch in enumerate(micro_batches):
+            if self.compilation.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are no longer needed
             self._seed_micro_step(step, i)
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or not isinstance(self.model, DistributedDataParallel) else self.model.no_sync()

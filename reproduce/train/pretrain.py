@@ -97,7 +97,7 @@ def _train(args, recipe, settings, micro, ctx, start) -> int:
     engine.seed_everything(recipe.seed)  # identical initial weights on every rank
     model = build_model(args.model, "cls", num_classes=len(classes), drop_rate=recipe.head_drop, **engine.model_kwargs(args.model, settings))
     sync_bn = engine.use_sync_bn(recipe, ctx)
-    compiled = compilation.prepare(args.compile, args.compile_mode, args.profile, ctx.device, sync_bn, args.output, log.line)
+    compiled = compilation.prepare(args.compile, args.compile_mode, args.profile, ctx.device, sync_bn, recipe.accum_steps, args.output, log.line)
     model = engine.wrap_model(model, ctx, sync_bn, compiled.mode)
     lr = engine.effective_lr(recipe, PAPER_BATCH)
     optimizer = create_optimizer_v2(unwrap(model), opt="adamw", lr=lr, weight_decay=recipe.weight_decay, **optimizer_options(ctx.device))
