@@ -82,6 +82,17 @@ def test_a_read_returns_what_a_step_by_step_run_returns():
     assert all(torch.equal(a, b) for a, b in zip(_state(deferred), _state(stepwise), strict=True))
 
 
+def test_a_checkpoint_of_the_unfused_optimizer_resumes_with_the_fused_one():
+    saved = _trainer("adamw")
+    saved.enqueue_step(0, [(torch.ones(2, 4), None)])
+    fused, reference = _trainer("adamw-fused"), _trainer("adamw")
+    for trainer in (fused, reference):
+        trainer.load_state(saved.state())
+        trainer.enqueue_step(1, [(torch.ones(2, 4), "loss")])  # skipped: the fused one on the device
+    assert all(g["fused"] for g in fused.optimizer.param_groups)
+    assert all(torch.equal(a, b) for a, b in zip(_state(fused), _state(reference), strict=True))
+
+
 def test_batches_pass_through_unchanged_on_a_cpu():
     steps = [(0, [[torch.ones(2), torch.zeros(2)]]), (1, [[torch.ones(3), torch.zeros(3)]])]
     assert list(prefetch_to_device(iter(steps), CPU)) == steps  # the same objects: nothing copied

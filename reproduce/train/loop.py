@@ -231,6 +231,17 @@ def optimizer_options(device: torch.device) -> dict[str, Any]:
     return {"fused": True} if device.type == "cuda" else {}
 
 
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable")
+
+
+def keep_implementation(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A checkpoint's optimizer state with ``optimizer``'s implementation flags, which say how this
+    process computes the step (fused on a GPU), not what: a run saved on a CPU, or before the GPU
+    used the fused kernel, resumes with it."""
+    groups = [{**g, **{k: own[k] for k in IMPLEMENTATION_KEYS if k in own}} for g, own in zip(saved["param_groups"], optimizer.param_groups)]
+    return {**saved, "param_groups": groups}
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -283,7 +294,7 @@ class Trainer:
 
     def load_state(self, state: dict[str, Any]) -> None:
         unwrap(self.model).load_state_dict(state["model_state"])
-        self.optimizer.load_state_dict(state["optimizer_state"])
+        self.optimizer.load_state_dict(keep_implementation(state["optimizer_state"], self.optimizer))
         self.scaler.load_state_dict(state["scaler_state"])
 
     def _seed_micro_step(self, step: int, micro: int) -> None:
