@@ -96,7 +96,6 @@ class Compilation:
     """The compile set-up of one run (``mode`` None: eager) and the compile work done since it began."""
 
     mode: str | None
-    cache_dir: Path | None = None
     seconds_before: float = 0.0
     breaks_before: Counter = field(default_factory=Counter)
 
@@ -109,8 +108,8 @@ class Compilation:
         return cls(None)
 
     @classmethod
-    def start(cls, mode: str, cache_dir: Path) -> "Compilation":
-        return cls(mode, cache_dir, _seconds_so_far(), _graph_breaks_so_far())
+    def start(cls, mode: str) -> "Compilation":
+        return cls(mode, _seconds_so_far(), _graph_breaks_so_far())
 
     def seconds(self) -> float | None:
         return None if self.mode is None else _seconds_so_far() - self.seconds_before
@@ -143,4 +142,4 @@ def prepare(compile_flag: bool | None, mode: str | None, profile: str, device: t
         log(note)
     cache = use_cache_dir(output)
     log(f"torch.compile mode {resolved} (the first steps compile); cache {cache}")
-    return Compilation.start(resolved, cache)
+    return Compilation.start(resolved)
