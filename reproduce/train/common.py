@@ -24,6 +24,7 @@ from reproduce import recipes
 from reproduce.data import layouts, synthetic
 from reproduce.errors import SettingsError
 from reproduce.params import env_world_size
+from reproduce.train import compilation
 from reproduce.train.checkpointing import atomic_write
 from reproduce.train.distributed import DistContext, barrier, gather_objects
 
@@ -44,7 +45,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, kind: str, default_dat
     parser.add_argument("--ablate", nargs="+", default=None, metavar="NAME", help="HRViT only: techniques to turn off (models.hrvit.ABLATIONS, or 'all')")
     parser.add_argument("--window-sizes", nargs=4, type=int, default=None, metavar=("A", "B", "C", "D"), help="HRViT only: stripe width per branch, e.g. 1 2 7 7")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (default off)")
+    compilation.add_compile_arguments(parser)
     parser.add_argument("--no-resume", action="store_true", help="start from scratch even if OUTPUT/checkpoint.pt exists")
     recipes.add_recipe_arguments(parser, kind)
 
@@ -112,14 +113,14 @@ def use_sync_bn(recipe: recipes.CommonRecipe, ctx: DistContext) -> bool:
     return recipe.sync_bn and ctx.distributed and ctx.device.type == "cuda"
 
 
-def wrap_model(model: nn.Module, ctx: DistContext, sync_bn: bool, compile_model: bool) -> nn.Module:
+def wrap_model(model: nn.Module, ctx: DistContext, sync_bn: bool, compile_mode: str | None) -> nn.Module:
     """Move to the rank's device, convert BN to SyncBN when asked, compile in place (state-dict keys
-    unchanged) when asked, and wrap in DDP when distributed."""
+    unchanged) with ``compile_mode`` unless None, and wrap in DDP when distributed."""
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(ctx.device)
-    if compile_model:
-        model.compile()
+    if compile_mode is not None:
+        model.compile(mode=compile_mode)
     if ctx.distributed:
         model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     return model

@@ -51,15 +51,6 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def any_rank(ctx: DistContext, flags: list[bool]) -> list[bool]:
-    """Each flag OR-ed over all ranks (one small all-reduce), so every rank takes the same decision."""
-    if not ctx.distributed:
-        return list(flags)
-    t = torch.tensor([float(f) for f in flags], device=ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
-
-
 def gather_objects(ctx: DistContext, obj: object) -> list:
     """``obj`` of every rank, in rank order (a picklable value)."""
     if not ctx.distributed:

@@ -30,11 +30,12 @@ from torch.utils.data import Dataset
 from reproduce import recipes
 from reproduce.errors import SettingsError
 from reproduce.params import BEST_NAME, CHECKPOINT_FORMAT, CHECKPOINT_NAME, METRICS_NAME, WEIGHTS_NAME
+from reproduce.train import compilation
 from reproduce.train.checkpointing import identity_diff, load_checkpoint, run_fingerprint, save_checkpoint, save_weights, write_metrics
 from reproduce.train.common import configure_determinism, configure_threads, git_commit, use_sync_bn, wrap_model
 from reproduce.train.distributed import DistContext, average_bn_stats, barrier, gather_digests, setup, teardown
 from reproduce.train.evaluation import EvalOptions
-from reproduce.train.loop import Preemption, Schedule, Trainer, autocast_dtype, precision_name, step_batches, stopped, unwrap
+from reproduce.train.loop import PendingStep, Preemption, Schedule, Trainer, autocast_dtype, optimizer_options, precision_name, step_batches, stopped, unwrap
 from reproduce.train.runlog import Logger, memory_mb
 from reproduce.train.tasks import Task
 
@@ -94,6 +95,7 @@ def fit(task: Task, args: argparse.Namespace, step_hooks: Sequence[StepHook] = (
     data or process group is touched; then, inside the process group, the task's model and data, the
     wrapped model, optimizer, schedules and loss, and :func:`run_training`."""
     recipe, settings, micro = task.validate(args)
+    compilation.check_arguments(args)
     env_hook = step_hook_from_env()
     hooks = (*step_hooks, *([env_hook] if env_hook else []))
     start = time.time()
@@ -105,14 +107,15 @@ def fit(task: Task, args: argparse.Namespace, step_hooks: Sequence[StepHook] = (
         prepared = task.prepare(args, recipe, settings, ctx, log)
         data, num_classes = prepared.data, len(prepared.data.class_names)
         sync_bn = use_sync_bn(recipe, ctx)
-        model = wrap_model(prepared.model, ctx, sync_bn, args.compile)
+        compiled = compilation.prepare(args.compile, args.compile_mode, args.profile, ctx.device, sync_bn, recipe.accum_steps, args.output, log.line)
+        model = wrap_model(prepared.model, ctx, sync_bn, compiled.mode)
         lr = effective_lr(recipe, task.paper_batch(args.dataset))
-        optimizer = task.optimizer(unwrap(model), recipe, lr)
+        optimizer = task.optimizer(unwrap(model), recipe, lr, **optimizer_options(ctx.device))
         sched = task.schedule(ctx, len(prepared.train_set), micro, recipe)
         scheduler = task.scheduler(optimizer, recipe, sched, lr)
         clip_grad = getattr(recipe, "clip_grad", None)  # a recipe without the field does not clip
-        trainer = Trainer(ctx, model, optimizer, scheduler, task.loss(recipe, ctx, num_classes), recipe.amp, clip_grad, recipe.seed)
-        effective = effective_settings(recipe, ctx, micro, sync_bn, args.compile, lr)
+        trainer = Trainer(ctx, model, optimizer, scheduler, task.loss(recipe, ctx, num_classes), recipe.amp, clip_grad, recipe.seed, compiled)
+        effective = effective_settings(recipe, ctx, micro, sync_bn, compiled.mode is not None, lr)
         note_accumulation(log, effective, recipe.batch_size)
         options = EvalOptions(task.eval_batch(recipe, ctx), recipe.num_workers, trainer.dtype)
         spec = RunSpec(
@@ -217,21 +220,33 @@ class _Run:
         return result
 
 
-def _log_step(run: _Run, epoch: int, loss: float, grad_norm: float, rate: float) -> None:
-    s, step = run.spec, run.step
-    lr = max(g["lr"] for g in s.trainer.optimizer.param_groups)
+def _line_due(run: _Run, step: int) -> bool:
+    s = run.spec
+    return step % s.recipe.log_every == 0 or step % s.sched.steps_per_epoch == 0 or step == s.sched.total_steps
+
+
+def _log_step(run: _Run, step: int, epoch: int, lr: float, loss: float, grad_norm: float, rate: float) -> None:
+    s = run.spec
     mem = memory_mb(run.ctx.device)
     run.log.metrics(step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "train/images_per_s": rate, "train/memory_mb": mem})
-    if step % s.recipe.log_every == 0 or step % s.sched.steps_per_epoch == 0 or step == s.sched.total_steps:
+    if _line_due(run, step):
         run.log.line(f"epoch {epoch} step {step}/{s.sched.total_steps} loss {loss:.4f} lr {lr:.3g} grad-norm {grad_norm:.3g} {rate:.1f} img/s {mem:.0f} MB")
 
 
 def _fit(run: _Run, start_step: int) -> dict[str, float]:
     """Steps ``start_step .. total - 1`` with periodic checkpoints and evaluations; a stop signal saves
-    and raises ``RunStopped``. Returns this process's throughput."""
+    and raises ``RunStopped``. Returns this process's throughput.
+
+    The device's values (losses, gradient norms, non-finite flags) are read, and a stop request agreed
+    over ranks, only at steps that log a line, evaluate, checkpoint or end: between them the CPU queues
+    steps without waiting for the GPU. A stop signal is therefore honoured at the next such step (at
+    most ``--log-every`` steps later), and a non-finite step, which applied nothing, is reported there.
+    Step hooks run after every step once its values are read and logged, so a run with hooks reads
+    every step."""
     s, ctx = run.spec, run.ctx
     sched, trainer = s.sched, s.trainer
     t0, steps_run, epoch_now = time.time(), 0, None
+    pending: list[tuple[int, float, float, PendingStep]] = []  # epoch, lr, images/s, the step
     bar = run.log.bar(sched.total_steps, start_step, "train")
     trainer.scheduler.step_update(start_step)
     with Preemption() as signals:
@@ -239,21 +254,32 @@ def _fit(run: _Run, start_step: int) -> dict[str, float]:
             if epoch != epoch_now:
                 trainer.scheduler.step(epoch)
                 epoch_now = epoch
-            result = trainer.train_step(run.step, micro, lambda: signals.signum is not None)
+            queued = trainer.enqueue_step(run.step, micro)
             run.step += 1
             steps_run += 1
             trainer.scheduler.step_update(run.step)
             bar.update(1)
             rate = steps_run * sched.global_batch / max(time.time() - t0, 1e-9)
-            _log_step(run, epoch, result.loss, result.grad_norm, rate)
-            if s.eval_every_steps and run.step % s.eval_every_steps == 0 and run.step < sched.total_steps:
+            pending.append((epoch, max(g["lr"] for g in trainer.optimizer.param_groups), rate, queued))
+            evaluate = s.eval_every_steps and run.step % s.eval_every_steps == 0 and run.step < sched.total_steps
+            save = s.recipe.checkpoint_every and run.step % s.recipe.checkpoint_every == 0 and run.step < sched.total_steps
+            if not (_line_due(run, run.step) or evaluate or save or s.step_hooks):
+                continue
+            results = trainer.read([p for *_, p in pending], signals.signum is not None)
+            for (epoch_i, lr, rate_i, p), result in zip(pending, results):
+                _log_step(run, p.step + 1, epoch_i, lr, result.loss, result.grad_norm, rate_i)
+            breaks = trainer.compilation.breaks_line() if steps_run == len(pending) else None  # first read: the graphs exist now
+            if breaks:
+                run.log.line(breaks)
+            pending.clear()
+            if evaluate:
                 run.evaluate()
             run.log.flush()
-            if result.stop:
+            if results[-1].stop:
                 bar.close()
                 path = run.save()
                 raise stopped(signals.signum or signal.SIGTERM, run.step, sched.total_steps, str(path))
-            if s.recipe.checkpoint_every and run.step % s.recipe.checkpoint_every == 0 and run.step < sched.total_steps:
+            if save:
                 run.save()
             for hook in s.step_hooks:
                 hook(run.step, ctx.rank)
@@ -291,6 +317,7 @@ def run_training(spec: RunSpec, ctx: DistContext, log: Logger) -> int:
             **spec.metrics_extras, "resumed_from_step": start_step or None, "eval_history": run.history, "best": run.best,
             "ranks_identical": len(set(digests)) == 1 if ctx.distributed else None, "param_digests": digests,
             "checkpoint": str(spec.args.output / CHECKPOINT_NAME), "weights": str(spec.args.output / WEIGHTS_NAME), "git_commit": git_commit(),
+            **spec.trainer.compilation.metrics(),
         }
         write_metrics(spec.args.output / METRICS_NAME, metrics)
         log.line(f"wrote {spec.args.output / METRICS_NAME}")

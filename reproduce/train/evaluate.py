@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
             raise SettingsError(f"{args.dataset} at {data.root} has {len(data.class_names)} classes that differ from the checkpoint's {len(class_names)}")
         dataset = task.dataset(data, args.split, recipe, augment=False)
         options = EvalOptions(task.eval_batch(recipe, ctx), recipe.num_workers, autocast_dtype(recipe.amp, ctx.device))
-        model = common.wrap_model(model, ctx, sync_bn=False, compile_model=args.compile)
+        model = common.wrap_model(model, ctx, sync_bn=False, compile_mode="default" if args.compile else None)
         log.line(f"{name} ({task.task}, {origin}) on {args.dataset} {args.split}: {len(dataset)} images, world {ctx.world_size}")
         result = task.score(model, dataset, ctx, data.class_names, recipe, options)
         log.line(task.summary(result))

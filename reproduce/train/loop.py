@@ -8,11 +8,15 @@ step, batch size), never on the number of processes: 2 ranks x 1 accumulation st
 accumulation steps read the same micro-batches, and a run may resume on another world size when
 the global batch is unchanged. Every random draw (augmentation, mixup, drop-path) is seeded from
 (seed, epoch or step, index), so a resumed run replays what an uninterrupted one would do.
+
+Reads. A step leaves its loss, gradient norm and non-finite flags on the device; the caller reads
+them (:meth:`Trainer.read`), and agrees a stop request over ranks, only every ``--log-every`` steps
+and at checkpoints, evaluations and epoch ends, so on a GPU the CPU queues the next steps instead of
+waiting for each one. A stop signal is honoured at the next read, at most ``--log-every`` steps late.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import signal
 from dataclasses import dataclass, field
@@ -20,13 +24,15 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from reproduce.errors import RunStopped, UsageError
 from reproduce.data.datasets import SeededSamples, sample_seed
-from reproduce.train.distributed import DistContext, any_rank
+from reproduce.train.compilation import Compilation
+from reproduce.train.distributed import DistContext
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -87,7 +93,11 @@ class StepSampler(Sampler):
 
 def step_batches(data: Dataset, ctx: DistContext, sched: Schedule, start_step: int, seed: int, num_workers: int) -> Iterator[tuple[int, list]]:
     """``(epoch, [micro-batches])`` for every optimizer step from ``start_step`` on, from one loader
-    whose workers persist across epochs."""
+    whose workers persist across epochs; on a GPU the micro-batches arrive already on the device."""
+    return prefetch_to_device(_loader_steps(data, ctx, sched, start_step, seed, num_workers), ctx.device)
+
+
+def _loader_steps(data: Dataset, ctx: DistContext, sched: Schedule, start_step: int, seed: int, num_workers: int) -> Iterator[tuple[int, list]]:
     sampler = StepSampler(len(data), sched, ctx.rank, seed)
     loader = DataLoader(
         SeededSamples(data, seed), batch_size=sched.micro_batch, sampler=sampler, num_workers=num_workers,
@@ -105,6 +115,51 @@ def step_batches(data: Dataset, ctx: DistContext, sched: Schedule, start_step: i
                 micro, step = [], step + 1
                 if step >= sched.total_steps:
                     return
+
+
+def prefetch_to_device(steps: Iterator[tuple[int, list]], device: torch.device) -> Iterator[tuple[int, list]]:
+    """Copy the next step's micro-batches (pinned by the loader) to the GPU on a side stream while
+    the current step computes; the compute stream waits for that copy only. On a CPU: ``steps``."""
+    if device.type != "cuda":
+        yield from steps
+        return
+    copy_stream = torch.cuda.Stream(device)
+    ahead = None
+    for epoch, micro in steps:
+        with torch.cuda.stream(copy_stream):
+            moved = _to_device(micro, device)
+            copied = torch.cuda.Event()
+            copied.record(copy_stream)
+        if ahead is not None:
+            yield _ready(*ahead, device)
+        ahead = epoch, moved, copied
+    if ahead is not None:
+        yield _ready(*ahead, device)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(item, device) for item in batch)
+    return batch
+
+
+def _ready(epoch: int, micro: list, copied: torch.cuda.Event, device: torch.device) -> tuple[int, list]:
+    """Make the compute stream wait for the copy, and tell the allocator the copies are used there."""
+    compute = torch.cuda.current_stream(device)
+    compute.wait_event(copied)
+    for tensor in _tensors(micro):
+        tensor.record_stream(compute)
+    return epoch, micro
+
+
+def _tensors(batch: Any) -> Iterator[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, (list, tuple)):
+        for item in batch:
+            yield from _tensors(item)
 
 
 # --------------------------------------------------------------------------- precision
@@ -170,6 +225,23 @@ def stopped(signum: int, step: int, total: int, saved_to: str) -> RunStopped:
 # --------------------------------------------------------------------------- the optimizer step
 
 
+def optimizer_options(device: torch.device) -> dict[str, Any]:
+    """Fused AdamW on a GPU: one kernel for all parameters, and it skips a non-finite step on the
+    device (see ``Trainer``); the CPU keeps torch's default implementation and its exact numbers."""
+    return {"fused": True} if device.type == "cuda" else {}
+
+
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable")
+
+
+def keep_implementation(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A checkpoint's optimizer state with ``optimizer``'s implementation flags, which say how this
+    process computes the step (fused on a GPU), not what: a run saved on a CPU, or before the GPU
+    used the fused kernel, resumes with it."""
+    groups = [{**g, **{k: own[k] for k in IMPLEMENTATION_KEYS if k in own}} for g, own in zip(saved["param_groups"], optimizer.param_groups)]
+    return {**saved, "param_groups": groups}
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -178,10 +250,29 @@ class StepResult:
 
 
 @dataclass
+class PendingStep:
+    """An optimizer step whose values are still on the device, read later by :meth:`Trainer.read`."""
+
+    step: int
+    losses: list[torch.Tensor]  # one per micro-batch, this rank's
+    grad_norm: torch.Tensor
+    flags: torch.Tensor  # [loss not finite, gradients not finite], OR-ed over ranks
+
+
+@dataclass
 class Trainer:
     """One optimizer step over ``accum_steps`` micro-batches; ``loss_fn(model, batch)`` returns a
-    micro-batch's loss. Non-finite losses and stop requests are OR-ed over ranks in one all-reduce
-    per step, so every rank takes the same decision at the same step."""
+    micro-batch's loss.
+
+    :meth:`enqueue_step` runs a step without reading anything back from the device, so the CPU
+    queues the next step while the GPU computes this one; :meth:`read` reads the queued steps' losses
+    and gradient norms in one transfer and agrees a stop request over ranks in one all-reduce.
+    A step whose loss (on any rank) or gradients are not finite applies nothing: fused optimizers
+    skip it on the device (their ``found_inf`` input), others after the flag is read on the host
+    (free on a CPU; a per-step wait on a GPU). The non-finite flags are OR-ed over ranks every step
+    with a collective that NCCL runs without blocking the host, so every replica skips the same
+    steps; ``read`` raises ``RunStopped`` naming the first such step. :meth:`train_step` is both
+    at once (read every step)."""
 
     ctx: DistContext
     model: nn.Module  # DDP-wrapped when distributed
@@ -191,6 +282,7 @@ class Trainer:
     amp: str
     clip_grad: float | None
     seed: int
+    compilation: Compilation = field(default_factory=Compilation.eager)  # how the model was compiled, for metrics.json
     scaler: torch.amp.GradScaler = field(init=False)
 
     def __post_init__(self) -> None:
@@ -202,7 +294,7 @@ class Trainer:
 
     def load_state(self, state: dict[str, Any]) -> None:
         unwrap(self.model).load_state_dict(state["model_state"])
-        self.optimizer.load_state_dict(state["optimizer_state"])
+        self.optimizer.load_state_dict(keep_implementation(state["optimizer_state"], self.optimizer))
         self.scaler.load_state_dict(state["scaler_state"])
 
     def _seed_micro_step(self, step: int, micro: int) -> None:
@@ -212,11 +304,17 @@ class Trainer:
         torch.manual_seed(s)
 
     def train_step(self, step: int, micro_batches: list, stop_requested: Callable[[], bool]) -> StepResult:
-        """Forward/backward every micro-batch, then (after ``stop_requested()`` and the loss check are
-        agreed over ranks) the optimizer step; a non-finite loss applies nothing and raises."""
+        """One step read back at once: its loss, gradient norm and the stop decision of all ranks."""
+        return self.read([self.enqueue_step(step, micro_batches)], stop_requested())[0]
+
+    def enqueue_step(self, step: int, micro_batches: list) -> PendingStep:
+        """Forward/backward every micro-batch, then the optimizer step unless the loss or the gradients
+        are not finite; nothing is read back from the device (see the class docstring)."""
         self.model.train()
-        total, finite = 0.0, True
+        losses = []
         for i, batch in enumerate(micro_batches):
+            if self.compilation.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are no longer needed
             self._seed_micro_step(step, i)
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or not isinstance(self.model, DistributedDataParallel) else self.model.no_sync()
@@ -224,24 +322,56 @@ class Trainer:
                 with autocast(self.ctx.device, self.dtype):
                     loss = self.loss_fn(self.model, batch)
                 self.scaler.scale(loss / len(micro_batches)).backward()
-            value = float(loss.detach())
-            finite = finite and math.isfinite(value)
-            total += value / len(micro_batches)
-        nonfinite, stop = any_rank(self.ctx, [not finite, stop_requested()])
-        if nonfinite:
-            self.optimizer.zero_grad(set_to_none=True)
-            raise RunStopped(f"error: the loss is not finite at step {step} (checked on all {self.ctx.world_size} rank(s); "
-                             "nothing of this step was applied, the last checkpoint is intact); lower --lr or check the data", 1)
+            losses.append(loss.detach())
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.clip_grad:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        self.scaler.step(self.optimizer)
+        flags = torch.stack([~torch.isfinite(torch.stack(losses)).all(), ~torch.isfinite(grad_norm)]).float()
+        if self.ctx.distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self._apply(flags)
+        return PendingStep(step, losses, grad_norm.detach(), flags)
+
+    def _apply(self, flags: torch.Tensor) -> None:
+        """The optimizer step, skipped when ``flags`` says the loss or the gradients are not finite.
+        Under fp16 the scaler's own overflow check skips the step too and lowers the scale."""
+        if getattr(self.optimizer, "_step_supports_amp_scaling", False):  # fused: the skip happens on the device
+            self.optimizer.found_inf, self.optimizer.grad_scale = flags.amax(), None
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf, self.optimizer.grad_scale
+        elif not flags.amax().item() or (self.scaler.is_enabled() and not flags[0].item()):
+            self.scaler.step(self.optimizer)  # an fp16 overflow alone is the scaler's to skip
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(total, float(grad_norm), stop)
+
+    def read(self, pending: list[PendingStep], stop_requested: bool) -> list[StepResult]:
+        """The values of ``pending`` (in order) in one device-to-host transfer, the stop request OR-ed
+        over ranks in one all-reduce (set on the last result); raises ``RunStopped`` for the first step
+        whose loss or gradients were not finite (an fp16 overflow, skipped by the scaler, is not one)."""
+        stop = torch.tensor([float(stop_requested)], device=self.ctx.device)
+        if self.ctx.distributed:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        rows = [torch.cat([torch.stack([*p.losses, p.grad_norm]), p.flags]).double() for p in pending]
+        values = iter(torch.cat([*rows, stop.double()]).tolist())
+        results = []
+        for p in pending:
+            losses = [next(values) for _ in p.losses]
+            grad_norm, loss_bad, grads_bad = next(values), next(values), next(values)
+            if loss_bad or (grads_bad and not self.scaler.is_enabled()):
+                what = "loss" if loss_bad else "gradient norm"
+                raise RunStopped(f"error: the {what} is not finite at step {p.step} (checked on all {self.ctx.world_size} rank(s); "
+                                 "nothing of this step was applied, the last checkpoint is intact); lower --lr or check the data", 1)
+            total = 0.0
+            for value in losses:
+                total += value / len(losses)
+            results.append(StepResult(total, grad_norm, False))
+        results[-1].stop = bool(next(values))
+        return results
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -116,8 +116,9 @@ class Task(ABC):
         """The global batch the paper's learning rate is given at (``--lr-scale linear`` scales from it)."""
 
     @abstractmethod
-    def optimizer(self, model: nn.Module, recipe: recipes.CommonRecipe, lr: float) -> torch.optim.Optimizer:
-        """The optimizer over ``model``'s parameters at base learning rate ``lr``."""
+    def optimizer(self, model: nn.Module, recipe: recipes.CommonRecipe, lr: float, **implementation: Any) -> torch.optim.Optimizer:
+        """The optimizer over ``model``'s parameters at base learning rate ``lr``; ``implementation``
+        (``loop.optimizer_options``) says how it computes the step, e.g. fused on a GPU."""
 
     @abstractmethod
     def schedule(self, ctx: DistContext, train_len: int, micro: int, recipe: recipes.CommonRecipe) -> Schedule:
@@ -208,8 +209,8 @@ class Classification(Task):
     def paper_batch(self, dataset: str) -> int:
         return recipes.PretrainRecipe().batch_size
 
-    def optimizer(self, model: nn.Module, recipe: recipes.PretrainRecipe, lr: float) -> torch.optim.Optimizer:
-        return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=recipe.weight_decay)
+    def optimizer(self, model: nn.Module, recipe: recipes.PretrainRecipe, lr: float, **implementation: Any) -> torch.optim.Optimizer:
+        return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=recipe.weight_decay, **implementation)
 
     def schedule(self, ctx: DistContext, train_len: int, micro: int, recipe: recipes.PretrainRecipe) -> Schedule:
         return make_schedule(ctx, train_len, micro, recipe.accum_steps, epochs=recipe.epochs + recipe.cooldown_epochs)
@@ -424,9 +425,9 @@ class Segmentation(Task):
     def paper_batch(self, dataset: str) -> int:
         return SEG_DATASETS[dataset].paper_batch
 
-    def optimizer(self, model: nn.Module, recipe: recipes.FinetuneRecipe, lr: float) -> torch.optim.Optimizer:
+    def optimizer(self, model: nn.Module, recipe: recipes.FinetuneRecipe, lr: float, **implementation: Any) -> torch.optim.Optimizer:
         groups = param_groups(model, lr, recipe.weight_decay, recipe.head_lr_mult)
-        return create_optimizer_v2(groups, opt="adamw", lr=lr, weight_decay=recipe.weight_decay)
+        return create_optimizer_v2(groups, opt="adamw", lr=lr, weight_decay=recipe.weight_decay, **implementation)
 
     def schedule(self, ctx: DistContext, train_len: int, micro: int, recipe: recipes.FinetuneRecipe) -> Schedule:
         return make_schedule(ctx, train_len, micro, recipe.accum_steps, total_steps=recipe.iters)
