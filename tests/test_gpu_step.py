@@ -17,7 +17,9 @@ from reproduce.cli import RunStopped, UsageError, main
 from reproduce.train import compilation, loop
 from reproduce.train.checkpointing import load_checkpoint
 from reproduce.train.distributed import DistContext
+from reproduce.train.engine import fit
 from reproduce.train.loop import Trainer, prefetch_to_device
+from reproduce.train.tasks import CLASSIFICATION
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -157,6 +159,17 @@ def test_a_stop_signal_is_honoured_at_the_next_read(tmp_path, monkeypatch, capsy
     assert main(argv) == 128 + signal.SIGUSR1
     assert "SIGUSR1: interrupted at step 3 of 8" in capsys.readouterr().err
     assert load_checkpoint(run / "checkpoint.pt")["step"] == 3
+
+
+def test_a_step_hook_runs_once_its_step_is_read_and_logged(tmp_path):
+    """Between log lines too: a hook (a simulated crash, say) acts on a step whose values are logged."""
+    parser = argparse.ArgumentParser()
+    CLASSIFICATION.add_arguments(parser)
+    run = tmp_path / "run"
+    args = parser.parse_args([*TINY, "--epochs", "1", "--log-every", "100", "--data-root", str(tmp_path / "data"), "--output", str(run)])
+    logged = []  # (step, DVCLive loss rows when its hook ran)
+    assert fit(CLASSIFICATION, args, step_hooks=[lambda step, rank: logged.append((step, len(_curve(run, "loss")) - 1))]) == 0
+    assert logged == [(1, 1), (2, 2), (3, 3), (4, 4)]  # without the hook only step 4 (the epoch end) would be read
 
 
 # ------------------------------------------------------------------ compile
