@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from reproduce.cli import UsageError
+from reproduce.measure import DEFAULT_CLASSES
 
 TRACE_INPUT = (2, 64, 96)  # batch, height, width the graph is recorded at
-CHECK_INPUTS = ((1, 97, 131), (3, 128, 160))  # a size no stride or window divides, and a second one
+CHECK_INPUTS = ((1, 97, 131), (3, 72, 104))  # sizes no stride or window divides, batches other than the traced one
 TOLERANCE = 1e-4  # largest |onnx - torch| accepted, relative to the largest |torch| output (fp32 kernels differ)
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
@@ -32,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a suite model name (e.g. hrvit_b1, mit_b0, cswin_ti), timm:<name> "
                         "or PKG.MODULE:FACTORY")
     parser.add_argument("--task", choices=("cls", "seg"), default="seg", help="classifier or backbone + SegFormer head (default seg)")
-    parser.add_argument("--num-classes", type=int, help="default 1000 for cls, 19 for seg (must match --checkpoint)")
+    parser.add_argument("--num-classes", type=int, help="default 1000 for cls, 19 for seg; must match --checkpoint "
+                        "(a classifier head of another width is dropped with a notice and left at init)")
     parser.add_argument("--checkpoint", type=Path, help="weights to export (any format models.weights reads; seg: a "
                         "fine-tuned segmentation checkpoint, decode head included); default: the model as initialised")
     parser.add_argument("--window-sizes", type=int, nargs="+", metavar="A B C D", help="HRViT stripe widths per branch, e.g. 1 2 9 9")
@@ -75,7 +77,9 @@ def build_for_export(name: str, task: str, num_classes: int | None, checkpoint: 
     from models.weights import load_segmentation_weights
 
     if checkpoint is not None and task == "cls":  # timm's file overlay: every format the family's filter reads
-        model_kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
+        # timm drops a classifier whose width differs from its cfg's: the cfg states the width asked for
+        classes = DEFAULT_CLASSES["cls"] if num_classes is None else num_classes
+        model_kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint), num_classes=classes))
     model = build_model(name, task, num_classes=num_classes, **model_kwargs)
     if checkpoint is not None and task == "seg":
         load_segmentation_weights(model, checkpoint, name)
