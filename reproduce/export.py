@@ -30,17 +30,17 @@ INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="a suite model name (e.g. hrvit_b1, mit_b0, cswin_ti), timm:<name> "
+    parser.add_argument("--model", required=True, metavar="NAME", help="a suite model name (e.g. hrvit_b1, mit_b0, cswin_ti), timm:<name> "
                         "or PKG.MODULE:FACTORY")
     parser.add_argument("--task", choices=("cls", "seg"), default="seg", help="classifier or backbone + SegFormer head (default seg)")
-    parser.add_argument("--num-classes", type=int, help="default 1000 for cls, 19 for seg; must match --checkpoint "
+    parser.add_argument("--num-classes", type=int, metavar="N", help="default 1000 for cls, 19 for seg; must match --checkpoint "
                         "(a classifier head of another width is dropped with a notice and left at init)")
-    parser.add_argument("--checkpoint", type=Path, help="weights to export (any format models.weights reads; seg: a "
+    parser.add_argument("--checkpoint", type=Path, metavar="FILE", help="weights to export (any format models.weights reads; seg: a "
                         "fine-tuned segmentation checkpoint, decode head included); default: the model as initialised")
-    parser.add_argument("--window-sizes", type=int, nargs="+", metavar="A B C D", help="HRViT stripe widths per branch, e.g. 1 2 9 9")
+    parser.add_argument("--window-sizes", nargs=4, type=int, default=None, metavar=("A", "B", "C", "D"), help="HRViT only: stripe width per branch, e.g. 1 2 9 9")
     parser.add_argument("--ablate", nargs="+", default=[], metavar="NAME", help="HRViT techniques removed in the checkpoint's model (Table 5)")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's)")
-    parser.add_argument("--output", type=Path, required=True, help="the .onnx file to write")
+    parser.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default: torch's)")
+    parser.add_argument("--output", type=Path, required=True, metavar="F.onnx", help="the .onnx file to write")
 
 
 def _check_args(args: argparse.Namespace) -> dict[str, Any]:
