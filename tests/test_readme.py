@@ -1,6 +1,7 @@
 """README.md is executed: every ```python block and every command of every ```bash block runs, in a
 git + DVC copy of the repository, except the commands listed in NOT_RUN with the reason (real datasets,
-GPUs, or a cost another test already pays). An example cannot rot unnoticed."""
+GPUs, or a cost another test already pays). An example cannot rot unnoticed. The examples' /tmp/ paths
+are redirected to a pytest folder, so a test run leaves nothing in /tmp."""
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-COPY = ["README.md", "Makefile", "pyproject.toml", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore",
+COPY = ["README.md", "Makefile", "pyproject.toml", "constraints.txt", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore",
         "models", "baselines", "reproduce", "hrvit_repro", "tables/paper", "notebooks"]
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 
@@ -95,6 +96,17 @@ def repo_copy(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    """Where the examples' /tmp/ paths point while they run."""
+    return tmp_path_factory.mktemp("readme-tmp")
+
+
+def in_scratch(code: str, scratch: Path) -> str:
+    """``code`` with every absolute /tmp/ path moved under ``scratch``."""
+    return re.sub(r"(?<![\w./-])/tmp/", f"{scratch}/", code)
+
+
 def _bin(name: str) -> str:
     return os.path.join(os.path.dirname(sys.executable), name)
 
@@ -112,16 +124,21 @@ def test_readme_has_examples_and_every_exclusion_is_used():
     assert not unused, f"NOT_RUN entries that match no README command (remove them): {unused}"
 
 
+def test_tmp_paths_move_to_the_scratch_folder():
+    moved = in_scratch("save('/tmp/a.pt'); --output /tmp/run --x=/tmp/b /work/tmp/c ./tmp/d", Path("/s"))
+    assert moved == "save('/s/a.pt'); --output /s/run --x=/s/b /work/tmp/c ./tmp/d"
+
+
 @pytest.mark.parametrize("code,line", PYTHON, ids=[f"python-L{line}" for _, line in PYTHON])
-def test_python_example_runs(code, line, repo_copy):
-    done = subprocess.run([sys.executable, "-c", code], cwd=repo_copy, env=_env(repo_copy), capture_output=True, text=True, timeout=600)
+def test_python_example_runs(code, line, repo_copy, scratch):
+    done = subprocess.run([sys.executable, "-c", in_scratch(code, scratch)], cwd=repo_copy, env=_env(repo_copy), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"README.md:{line}\n{code}\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
 
 
 @pytest.mark.parametrize("command,line", SHELL, ids=[f"L{line}:{cmd[:60]}" for cmd, line in SHELL])
-def test_shell_example_runs(command, line, repo_copy):
+def test_shell_example_runs(command, line, repo_copy, scratch):
     reason = not_run_reason(command)
     if reason:
         pytest.skip(f"README.md:{line}: {reason}")
-    done = subprocess.run(["bash", "-c", command], cwd=repo_copy, env=_env(repo_copy), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(["bash", "-c", in_scratch(command, scratch)], cwd=repo_copy, env=_env(repo_copy), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"README.md:{line}: {command}\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
