@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -137,8 +138,6 @@ def _agrees(record: dict[str, Any]) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
     from models.weights import WeightsError
 
     kwargs = _check_args(args)
