@@ -7,16 +7,17 @@ SHELL := /bin/bash
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+# the exact tested versions (constraints.txt) within pyproject.toml's ranges; either file changing rebuilds
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
 .PHONY: setup test table5 repro bench gpu-check clean-venv
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# pip compiles bytecode at install time (imports of torch+timm are ~3x slower without it).
-	$(BIN)/python -m pip install --quiet -e '.[test]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(BIN)/python -m pip install --quiet -e '.[test]' -c constraints.txt 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("reproduce.doctor", "GPU self-check: smoke training under torchrun/nccl, bf16/fp16, SyncBN, benchmark"),
     "tables": ("reproduce.tables", "regenerate the paper's tables, Figure 5 and the claims ledger"),
     "plan": ("reproduce.plan", "estimated GPU-hours, wall time and disk of the paper profile's training stages"),
+    "export": ("reproduce.export", "a model as ONNX with free batch, height and width, checked against PyTorch"),
 }
 
 

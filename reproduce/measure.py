@@ -168,8 +168,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(any timm model; features_only for --task seg) or PKG.MODULE:FACTORY")
     parser.add_argument("--task", choices=("cls", "seg"), default="cls", help="classifier or backbone + SegFormer head (default cls)")
     parser.add_argument("--num-classes", type=int, help="default 1000 for cls, 19 for seg")
-    parser.add_argument("--size", type=int, nargs="+", metavar="H W", help="input size (default 224 224 for cls, 512 512 for seg)")
-    parser.add_argument("--window-sizes", type=int, nargs="+", metavar="A B C D", help="HRViT stripe widths per branch, e.g. 1 2 9 9")
+    parser.add_argument("--size", type=int, nargs="+", metavar="PX", help="input size: H W, or one value for a square "
+                        "(default 224 224 for cls, 512 512 for seg)")
+    parser.add_argument("--window-sizes", type=int, nargs="+", metavar="W", help="HRViT stripe widths, one per branch, e.g. 1 2 9 9")
     parser.add_argument("--ablate", nargs="+", default=[], metavar="NAME", help="HRViT techniques to remove (Table 5): "
                         "kv_sharing eff_patch_embed mixcfn parallel_conv nonlinearity_bn dense_fusion des all")
     parser.add_argument("--flop-family", choices=("hrvit", "mit", "cswin"), help="paper-convention counting rule "

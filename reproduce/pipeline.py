@@ -216,24 +216,31 @@ def measure_requests(params: dict[str, Any], table_name: str, fair: bool = False
     return requests
 
 
-def measure_table(params: dict[str, Any], table_name: str, results: Path) -> Path:
+def measure_table(params: dict[str, Any], table_name: str, results: Path, labels: list[str] | None = None) -> Path:
+    """Measure the table's rows into ``results/measure/<table>.json``; ``labels``: only those rows, the
+    file's other rows kept (a row you add, measured in seconds instead of the whole table)."""
     # torch and the models load here, not at start-up: the fingerprint stage must not pay for them
     from reproduce.measure import check_request, measure_request
     from reproduce.train.common import git_commit  # the same provenance string as the training runs
 
+    out = results / "measure" / f"{table_name}.json"
+    unknown = sorted(set(labels or ()) - set(measure_requests(params, table_name)))
+    if unknown:
+        raise ParamsError(f"{table_name} has no row {', '.join(map(repr, unknown))}; its rows: "
+                          f"{', '.join(measure_requests(params, table_name))}")
+    kept = json.loads(out.read_text()) if labels and out.is_file() else {}
     commit = git_commit()
     measured: dict[str, dict[str, Any]] = {}
     for key, fair in (("rows", False), ("fair_rows", True)):
-        requests = measure_requests(params, table_name, fair)
+        requests = {label: kw for label, kw in measure_requests(params, table_name, fair).items() if not labels or label in labels}
         checked = {label: check_request(**{"model" if k == "name" else k: v for k, v in kw.items()}) for label, kw in requests.items()}
-        measured[key] = {}
+        measured[key] = dict(kept.get(key, {}))
         for label, request in checked.items():
             result = measure_request(request, MEASURE_CONVENTIONS, depth=4)  # 4: HRViT's six modules M1..M6
             result["git_commit"] = commit
             measured[key][label] = result
             print(f"{table_name} {label}{' (shared setting)' if fair else ''}: {result['params']:,} params, "
                   f"{result['gflops']['paper']:.3f} GFLOPs (paper convention)", flush=True)
-    out = results / "measure" / f"{table_name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"table": table_name, "git_commit": commit, **measured}, indent=1) + "\n")
     return out
@@ -260,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=Path("results"))
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("fingerprint", help="write the measure and training stages' semantic dependencies (results/fingerprints)")
-    sub.add_parser("measure", help="params and GFLOPs of every row of a table").add_argument("table")
+    measure = sub.add_parser("measure", help="params and GFLOPs of every row of a table")
+    measure.add_argument("table")
+    measure.add_argument("--rows", nargs="+", metavar="LABEL", help="only these rows (the file's other rows are kept)")
     sub.add_parser("pretrain", help="one pretraining stage").add_argument("run")
     fine = sub.add_parser("finetune", help="one fine-tuning stage")
     fine.add_argument("dataset", choices=RUN_KINDS[1:])
@@ -272,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             fingerprint(params, args.results)
             return 0
         if args.command == "measure":
-            measure_table(params, args.table, args.results)
+            measure_table(params, args.table, args.results, args.rows)
             return 0
         check_launcher(params)
         kind = "pretrain" if args.command == "pretrain" else args.dataset

@@ -1,6 +1,8 @@
 """Fixtures shared by the test modules."""
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 import torch
 
@@ -15,3 +17,16 @@ def one_torch_thread():
     yield
     torch.use_deterministic_algorithms(deterministic)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def system_temp_inside_pytest_folder(tmp_path_factory):
+    """What tests and their subprocesses write to the system temp folder (torchrun's torchelastic_*,
+    DataLoader workers' pymp-*) lands under pytest's base folder, which pytest removes after a passing
+    run, instead of piling up in /tmp."""
+    folder = tmp_path_factory.mktemp("system-temp")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TMPDIR", str(folder))
+    patch.setattr(tempfile, "tempdir", str(folder))
+    yield folder
+    patch.undo()

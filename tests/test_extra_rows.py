@@ -111,3 +111,18 @@ def test_evaluated_published_checkpoint_is_labelled_with_its_source():
         == "published weights, evaluated"
     assert weights_label({"init": {"format": "mit-nvlabs", "file": "w.pth"}}) == "published weights"
     assert weights_label({"init": {"format": "hrvit-repro", "file": "m.safetensors"}}) is None
+
+
+def test_measure_rows_measures_only_the_named_rows_and_keeps_the_others(tmp_path, monkeypatch):
+    """`reproduce.pipeline measure TABLE --rows LABEL`: your row in seconds, the table's file otherwise as it was."""
+    out = tmp_path / "measure" / "table4_cityscapes.json"
+    out.parent.mkdir(parents=True)
+    out.write_text(json.dumps({"table": "table4_cityscapes", "rows": {"MiT-B0": {"params": 1}}, "fair_rows": {}}))
+    monkeypatch.setattr("reproduce.measure.measure_request",
+                        lambda request, *args, **kwargs: {"model": request.model, "params": 7, "gflops": {"paper": 1.0}})
+    pipeline.measure_table(with_row(), "table4_cityscapes", tmp_path, ["ResNet-18"])
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"MiT-B0", "ResNet-18"} and rows["MiT-B0"] == {"params": 1}
+    assert rows["ResNet-18"]["model"] == "timm:resnet18"
+    with pytest.raises(ValueError, match="table4_cityscapes has no row 'ResNet-19'"):
+        pipeline.measure_table(with_row(), "table4_cityscapes", tmp_path, ["ResNet-19"])

@@ -1,6 +1,7 @@
 """README.md is executed: every ```python block and every command of every ```bash block runs, in a
 git + DVC copy of the repository, except the commands listed in NOT_RUN with the reason (real datasets,
-GPUs, or a cost another test already pays). An example cannot rot unnoticed."""
+GPUs, or a cost another test already pays). An example cannot rot unnoticed. The examples' /tmp/ paths
+are redirected to a pytest folder, so a test run leaves nothing in /tmp."""
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-COPY = ["README.md", "Makefile", "pyproject.toml", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore",
+COPY = ["README.md", "Makefile", "pyproject.toml", "constraints.txt", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore",
         "models", "baselines", "reproduce", "hrvit_repro", "tables/paper", "notebooks"]
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 
@@ -28,11 +29,12 @@ NOT_RUN = {
     r"profile=paper|--profile paper": "needs the real datasets (and GPUs)",
     r"^torchrun\b": "needs the real datasets and GPUs",
     r"^python -m reproduce evaluate\b.*results/": "needs a trained run and the real dataset",
+    r"^python -m reproduce export\b.*results/": "needs a trained run: tests/test_export.py exports checkpoints",
+    r"my-(params|results|tables)": "run in order by test_add_your_model_example_fills_its_row_with_numbers",
     r"^source\b": "activates a local virtualenv",
     r"^dvc repro\b": "trains: tests/test_pipeline.py runs `dvc repro` and `dvc repro -s` on a copy",
     r"^dvc exp run\b": "trains: tests/test_pipeline.py runs `dvc exp run -S ...` then `dvc exp show`",
     r"^dvc pull\b": "needs results pushed by a repro (the remote of this copy is empty; `dvc push` runs)",
-    r"^dvc plots (show|diff)\b": "needs trained runs: tests/test_pipeline.py loads the curves after a repro",
 }
 
 
@@ -95,6 +97,17 @@ def repo_copy(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    """Where the examples' /tmp/ paths point while they run."""
+    return tmp_path_factory.mktemp("readme-tmp")
+
+
+def in_scratch(code: str, scratch: Path) -> str:
+    """``code`` with every absolute /tmp/ path moved under ``scratch``."""
+    return re.sub(r"(?<![\w./-])/tmp/", f"{scratch}/", code)
+
+
 def _bin(name: str) -> str:
     return os.path.join(os.path.dirname(sys.executable), name)
 
@@ -112,16 +125,37 @@ def test_readme_has_examples_and_every_exclusion_is_used():
     assert not unused, f"NOT_RUN entries that match no README command (remove them): {unused}"
 
 
+def test_tmp_paths_move_to_the_scratch_folder():
+    moved = in_scratch("save('/tmp/a.pt'); --output /tmp/run --x=/tmp/b /work/tmp/c ./tmp/d", Path("/s"))
+    assert moved == "save('/s/a.pt'); --output /s/run --x=/s/b /work/tmp/c ./tmp/d"
+
+
+def test_add_your_model_example_fills_its_row_with_numbers(repo_copy, tmp_path):
+    """The section's blocks, in order, end in a Table 4 row whose efficiency cells hold our numbers."""
+    section = README.read_text().split("### Add your model\n", 1)[1].split("\n#", 1)[0]
+    for lang, code, line in readme_blocks(section):
+        steps = [[sys.executable, "-c", code]] if lang == "python" else \
+            [["bash", "-c", cmd] for cmd in shell_commands(code)] if lang in SHELL_LANGS else []
+        for step in steps:
+            step[-1] = in_scratch(step[-1], tmp_path)
+            done = subprocess.run(step, cwd=repo_copy, env=_env(repo_copy), capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, f"{step[-1]}\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
+    table = (tmp_path / "my-tables" / "table4_cityscapes.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| ResNet-18 "))
+    params, gflops = [cell.strip() for cell in row.strip("|").split("|")][1:3]
+    assert re.fullmatch(r"— / 11\.69", params) and re.fullmatch(r"— / \d+\.\d\d", gflops), row
+
+
 @pytest.mark.parametrize("code,line", PYTHON, ids=[f"python-L{line}" for _, line in PYTHON])
-def test_python_example_runs(code, line, repo_copy):
-    done = subprocess.run([sys.executable, "-c", code], cwd=repo_copy, env=_env(repo_copy), capture_output=True, text=True, timeout=600)
+def test_python_example_runs(code, line, repo_copy, scratch):
+    done = subprocess.run([sys.executable, "-c", in_scratch(code, scratch)], cwd=repo_copy, env=_env(repo_copy), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"README.md:{line}\n{code}\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
 
 
 @pytest.mark.parametrize("command,line", SHELL, ids=[f"L{line}:{cmd[:60]}" for cmd, line in SHELL])
-def test_shell_example_runs(command, line, repo_copy):
+def test_shell_example_runs(command, line, repo_copy, scratch):
     reason = not_run_reason(command)
     if reason:
         pytest.skip(f"README.md:{line}: {reason}")
-    done = subprocess.run(["bash", "-c", command], cwd=repo_copy, env=_env(repo_copy), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(["bash", "-c", in_scratch(command, scratch)], cwd=repo_copy, env=_env(repo_copy), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"README.md:{line}: {command}\n{done.stdout[-2000:]}{done.stderr[-3000:]}"

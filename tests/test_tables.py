@@ -357,9 +357,26 @@ def test_table5_figure_of_deltas(t5_records, tmp_path):
     assert paper["params_m"]["- MixCFN"] == pytest.approx(7.9 - 8.1) and paper["cityscapes_miou"]["- MixCFN"] == pytest.approx(80.52 - 81.63)
     ours = ablation_deltas(t5_records, "HRViT-b1", "ours")
     assert ours["params_m"] == {"- MixCFN": pytest.approx(8.3 - 8.149451)}  # only measured rows
-    assert ours["imagenet_top1"]["- DES"] == 0.0 and accuracy_label(t5_records) == "ours: smoke†"
+    assert accuracy_label(t5_records) == "ours: smoke†"
+    assert "imagenet_top1" not in ours and "cityscapes_miou" not in ours  # smoke differences are left out
     paths = plot_ablation(t5_records, "HRViT-b1", tmp_path / "t5")
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[1].read_bytes()[:4] == b"%PDF"
+
+
+def test_table5_figure_scales_paper_and_ours_apart(t5_records):
+    """The paper's sub-point accuracy changes fill their own panel, whatever our differences are."""
+    from reproduce.tables.figure import ABLATION_PANELS, ablation_deltas, ablation_figure
+
+    records = [{**r, "status": "proxy", "ours": 40.0} if r["kind"] == "accuracy" and r["row"] == "- MixCFN" else
+               {**r, "status": "proxy", "ours": 10.0} if r["kind"] == "accuracy" else r for r in t5_records]
+    ours = ablation_deltas(records, "HRViT-b1", "ours")
+    assert ours["cityscapes_miou"]["- MixCFN"] == 30.0  # a non-smoke difference is shown
+    fig = ablation_figure(records, "HRViT-b1")
+    column = [c for c, _ in ABLATION_PANELS].index("cityscapes_miou")
+    paper_axis, ours_axis = fig.axes[column], fig.axes[len(ABLATION_PANELS) + column]
+    largest_paper = max(abs(v) for v in ablation_deltas(records, "HRViT-b1", "paper")["cityscapes_miou"].values())
+    assert max(map(abs, paper_axis.get_xlim())) < 2 * largest_paper < 5  # ours (30 points) does not squash it
+    assert max(map(abs, ours_axis.get_xlim())) >= 30
 
 
 def test_all_backbones_at_one_setting(tmp_path):

@@ -91,8 +91,9 @@ ABLATION_PANELS = (("params_m", "Δ params (M)"), ("gflops", "Δ GFLOPs (paper c
 
 
 def ablation_deltas(records: Sequence[Record], base: str, which: str) -> dict[str, dict[str, float]]:
-    """Per column: row -> value minus the full model's (``which``: "paper" or "ours"), rows with both values."""
-    cells = {(r["row"], r["column"]): r for r in records}
+    """Per column: row -> value minus the full model's (``which``: "paper" or "ours"), rows with both values.
+    Smoke runs are left out, as the tables leave out their differences: two optimizer steps measure nothing."""
+    cells = {(r["row"], r["column"]): r for r in records if not (which == "ours" and r.get("status") == "smoke")}
     out: dict[str, dict[str, float]] = {}
     for column, _ in ABLATION_PANELS:
         reference = cells.get((base, column), {}).get(which)
@@ -110,28 +111,38 @@ def accuracy_label(records: Sequence[Record]) -> str:
     return "ours: " + "+".join(s if s == "reproduction" else f"{s}†" for s in statuses)
 
 
-def plot_ablation(records: Sequence[Record], base: str, out_stem: Path) -> list[Path]:
-    """Table 5 as a figure: each ablation's change against the full model, paper and ours side by side.
-    Writes ``out_stem``.png and .pdf."""
-    paper, ours = ablation_deltas(records, base, "paper"), ablation_deltas(records, base, "ours")
+def ablation_figure(records: Sequence[Record], base: str) -> plt.Figure:
+    """Table 5 as a figure: each ablation's change against the full model, the paper's on the top row and
+    ours below, every panel on its own scale (the paper's accuracy changes are fractions of a point, ours
+    may be anything), smoke differences left out."""
     rows = [r["row"] for r in records if r["column"] == ABLATION_PANELS[0][0] and r["row"] != base]
     label = accuracy_label(records)
-    fig, axes = plt.subplots(1, len(ABLATION_PANELS), figsize=(14, 4.2), sharey=True, constrained_layout=True)
-    positions = range(len(rows))
-    for ax, (column, title) in zip(axes, ABLATION_PANELS):
-        accuracy = column not in ("params_m", "gflops")
-        for offset, source, name, color in ((-0.2, paper, "paper", "tab:gray"),
-                                            (0.2, ours, label if accuracy else "ours (measured)", "tab:red")):
-            values = [source.get(column, {}).get(row, float("nan")) for row in rows]
-            ax.barh([p + offset for p in positions], values, height=0.4, color=color, label=name)
-        ax.axvline(0, color="black", linewidth=0.8)
-        ax.set_title(title, fontsize=9)
-        ax.grid(axis="x", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    axes[0].set_yticks(list(positions), rows, fontsize=8)
-    axes[0].invert_yaxis()
-    fig.suptitle(f"Table 5: each ablation minus {base} (accuracy bars, {label}; † = not the paper's data or recipe, "
-                 "docs/statuses.md)", fontsize=9)
+    fig, axes = plt.subplots(2, len(ABLATION_PANELS), figsize=(14, 6.5), sharey=True, constrained_layout=True)
+    for ax_row, which, color in ((axes[0], "paper", "tab:gray"), (axes[1], "ours", "tab:red")):
+        deltas = ablation_deltas(records, base, which)
+        for ax, (column, title) in zip(ax_row, ABLATION_PANELS):
+            accuracy = column not in ("params_m", "gflops")
+            values = deltas.get(column, {})
+            ax.barh(range(len(rows)), [values.get(row, float("nan")) for row in rows], height=0.6, color=color)
+            if not values:
+                ax.text(0.5, 0.5, "smoke runs or none:\nno difference shown" if accuracy and which == "ours" else "not measured",
+                        transform=ax.transAxes, ha="center", va="center", fontsize=8, color="0.4")
+            ax.axvline(0, color="black", linewidth=0.8)
+            source = (label if accuracy else "ours (measured)") if which == "ours" else "paper"
+            ax.set_title(f"{title}: {source}", fontsize=8)
+            ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(rows)), rows)
+    axes[0][0].invert_yaxis()
+    for ax in axes[:, 0]:
+        ax.tick_params(axis="y", labelsize=8)
+    fig.suptitle(f"Table 5: each ablation minus {base}; top: the paper, bottom: ours (each panel on its own scale; "
+                 "† = not the paper's data or recipe, docs/statuses.md)", fontsize=9)
+    return fig
+
+
+def plot_ablation(records: Sequence[Record], base: str, out_stem: Path) -> list[Path]:
+    """Write the Table 5 figure (``ablation_figure``) to ``out_stem``.png and .pdf."""
+    fig = ablation_figure(records, base)
     paths = [out_stem.with_suffix(".png"), out_stem.with_suffix(".pdf")]
     for path in paths:
         fig.savefig(path, dpi=150)
