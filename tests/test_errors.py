@@ -79,6 +79,7 @@ FILE_COMMANDS: dict[str, list[str]] = {
     "evaluate --weights": ["evaluate", "--weights", "{file}", "--model", "mit_b0", "--data-root", "{tmp}/data", "--output", "{tmp}/out"],
     "finetune --pretrained": ["finetune", "--model", "mit_b0", "--profile", "smoke", "--pretrained", "{file}",
                               "--data-root", "{tmp}/data", "--output", "{tmp}/out"],
+    "export --checkpoint": ["export", "--model", "mit_b0", "--num-classes", "5", "--checkpoint", "{file}", "--output", "{tmp}/out/m.onnx"],
 }
 
 
@@ -162,6 +163,7 @@ NAME_COMMANDS: dict[str, list[str]] = {
     "pretrain": ["pretrain", "--model", "{model}", "--data-root", "{tmp}/data", "--output", "{tmp}/out"],
     "finetune": ["finetune", "--model", "{model}", "--data-root", "{tmp}/data", "--output", "{tmp}/out"],
     "evaluate --weights": ["evaluate", "--weights", "{tmp}/w.pt", "--model", "{model}", "--output", "{tmp}/out"],
+    "export": ["export", "--model", "{model}", "--output", "{tmp}/out/m.onnx"],
 }
 
 
