@@ -125,33 +125,59 @@ def half_heads(dim: int, dim_head: int) -> tuple[int, int]:
     return half // head_dim, head_dim
 
 
-def _key_padding_mask(batch: int, n_windows: int, length: int, n_valid: int, like: torch.Tensor) -> torch.Tensor:
+def _sizes_are_traced() -> bool:
+    """True while ``torch.jit.trace`` or ``torch.onnx.export`` records the model: sizes are then values of the
+    graph, so stripe padding and masks must be computed from them on every path (a Python branch on a size
+    would be frozen for the traced size)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def _key_padding_mask(
+    batch: int, n_windows: int, length: int, n_valid: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """Additive mask (B*windows, 1, 1, L): -100 on the padded keys of each image's last stripe, else 0.
 
     Only valid query rows are kept after attention, and for those this equals the official
-    query-and-key mask of §2.7 step 7. Built per call (it is tiny): a cached tensor would outlive
-    its device and, when first made under ``torch.inference_mode``, break a later training step.
+    query-and-key mask of §2.7 step 5. Built from the sizes alone, so a trace computes it at any size.
     """
-    mask = like.new_zeros(batch, n_windows, 1, 1, length)
-    mask[:, -1, ..., n_valid:] = MASK_VALUE
-    return mask.reshape(batch * n_windows, 1, 1, length)
+    padded_key = torch.arange(length, device=device) >= n_valid
+    last_window = torch.arange(n_windows, device=device) == n_windows - 1
+    mask = (last_window[:, None] & padded_key).to(dtype) * MASK_VALUE
+    return mask.repeat(batch, 1).reshape(batch * n_windows, 1, 1, length)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_key_padding_mask(
+    batch: int, n_windows: int, length: int, n_valid: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``_key_padding_mask`` built once per shape, device and dtype (it cost 2 of an eager block's ~40 operators).
+    Made outside inference mode: a mask first needed under ``torch.inference_mode`` must still be usable by a
+    later training step ("Inference tensors cannot be saved for backward")."""
+    with torch.inference_mode(False):
+        return _key_padding_mask(batch, n_windows, length, n_valid, device, dtype)
 
 
 def stripe_attention(qkv: torch.Tensor, ws: int, n_heads: int) -> torch.Tensor:
     """Attention inside horizontal stripes of ``ws`` rows.
 
     ``qkv`` is (B, H, W, P, c) with P = 2 (q, v; the keys are the values) or 3 (q, k, v); the result
-    is (B, H, W, c). H is zero-padded at the bottom to a multiple of ``ws``; padded keys are masked
-    and padded query rows cropped. Heads are consecutive channel groups, concatenated head-major.
+    is (B, H, W, c), a view of the attention output. H is zero-padded at the bottom to a multiple of
+    ``ws``; padded keys are masked and padded query rows cropped. Heads are consecutive channel groups,
+    concatenated head-major. In eager mode, sizes that need no padding skip the pad and the mask; while
+    tracing for export both are always computed (padding by 0 and an all-zero mask where none is needed).
     """
     B, H, W, _, c = qkv.shape
+    traced = _sizes_are_traced()
     pad = -H % ws
-    if pad:
+    if traced or pad:  # ``traced`` first: ``pad`` is a tensor while tracing
         qkv = F.pad(qkv, (0, 0, 0, 0, 0, 0, 0, pad))
     n_windows, length, head_dim = (H + pad) // ws, ws * W, c // n_heads
     windows = qkv.reshape(B * n_windows, length, -1, n_heads, head_dim)  # a view unless strides forbid it
     q, k, v = (windows[:, :, i].transpose(1, 2) for i in (0, 1, -1))  # (B*windows, heads, L, d); k = v if P = 2
-    mask = _key_padding_mask(B, n_windows, length, (ws - pad) * W, qkv) if pad else None
+    mask = None
+    if traced or pad:
+        build = _key_padding_mask if traced or torch.compiler.is_compiling() else _cached_key_padding_mask
+        mask = build(B, n_windows, length, (ws - pad) * W, qkv.device, qkv.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).reshape(B, H + pad, W, c)[:, :H]
 
@@ -196,8 +222,8 @@ class HRViTAttn(nn.Module):
             out = torch.cat([horizontal, vertical], dim=-1)
         else:  # the halves are added into the conv path's fresh (B, H, W, C) output: no concat pass
             out = self.conv(self.conv_act(v.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
-            out[..., :half] += horizontal
-            out[..., half:] += vertical
+            out[..., :half].add_(horizontal)  # in place on the slice: ``+=`` would also copy it onto itself
+            out[..., half:].add_(vertical)
         out = self.proj(self.act(out.reshape(B, N, C)))
         if self.bn is not None:
             out = self.bn(out.reshape(B * N, C)).reshape(B, N, C)
@@ -241,10 +267,15 @@ class DiversityShortcut(nn.Module):
         self.act = nn.GELU()
         self.left = nn.Linear(self.k, self.k)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """DES(x), or ``residual`` + DES(x): the sum is taken while the left product is still in its
+        transposed (p, k) layout, which saves copying it back to (k, p) first."""
         shape = x.shape
-        x = self.act(self.right(x.reshape(*shape[:-1], self.k, self.p))).transpose(-1, -2)
-        return self.left(x).transpose(-1, -2).reshape(shape)
+        y = self.act(self.right(x.reshape(-1, self.p))).view(-1, self.k, self.p)
+        y = self.left(y.transpose(1, 2).reshape(-1, self.k)).view(-1, self.p, self.k).transpose(1, 2)  # (T, k, p)
+        if residual is None:
+            return y.reshape(shape)
+        return residual.reshape(y.shape).add(y).view(shape)
 
 
 class ChunkedOutputLinear(nn.Linear):
@@ -327,7 +358,7 @@ class HRViTBlock(nn.Module):
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         a = self.attn(self.norm1(x), H, W)
         if self.des is not None:
-            a = a + self.des(x)  # DES sees the un-normalised input and shares the attention drop-path
+            a = self.des(x, residual=a)  # DES sees the un-normalised input and shares the attention drop-path
         x = x + self.drop_path(a)
         return x + self.drop_path(self.mlp(self.norm2(x), H, W))
 
