@@ -173,7 +173,8 @@ def stripe_attention(qkv: torch.Tensor, ws: int, n_heads: int) -> torch.Tensor:
         qkv = F.pad(qkv, (0, 0, 0, 0, 0, 0, 0, pad))
     n_windows, length, head_dim = (H + pad) // ws, ws * W, c // n_heads
     windows = qkv.reshape(B * n_windows, length, -1, n_heads, head_dim)  # a view unless strides forbid it
-    q, k, v = (windows[:, :, i].transpose(1, 2) for i in (0, 1, -1))  # (B*windows, heads, L, d); k = v if P = 2
+    parts = windows.unbind(2)  # (q, v) or (q, k, v): views whose backward is one stack, not a copy per part
+    q, k, v = (t.transpose(1, 2) for t in (parts[0], parts[1], parts[-1]))  # (B*windows, heads, L, d); k = v if P = 2
     mask = None
     if traced or pad:
         build = _key_padding_mask if traced or torch.compiler.is_compiling() else _cached_key_padding_mask
@@ -214,16 +215,14 @@ class HRViTAttn(nn.Module):
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, H, W, -1, C)  # (.., P, C): (q, v) with k = v, or (q, k, v)
-        v = qkv[:, :, :, -1]
-        half = C // 2
-        horizontal = stripe_attention(qkv[..., :half], self.ws, self.n_heads)
-        vertical = stripe_attention(qkv[..., half:].transpose(1, 2), self.ws, self.n_heads).transpose(1, 2)
-        if self.conv is None:
-            out = torch.cat([horizontal, vertical], dim=-1)
-        else:  # the halves are added into the conv path's fresh (B, H, W, C) output: no concat pass
-            out = self.conv(self.conv_act(v.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
-            out[..., :half].add_(horizontal)  # in place on the slice: ``+=`` would also copy it onto itself
-            out[..., half:].add_(vertical)
+        # the halves as views of one unbind, whose backward is one stack (two slices' would be two
+        # zero-filled copies and an add)
+        horizontal, vertical = qkv.unflatten(-1, (2, C // 2)).unbind(-2)
+        horizontal = stripe_attention(horizontal, self.ws, self.n_heads)
+        vertical = stripe_attention(vertical.transpose(1, 2), self.ws, self.n_heads).transpose(1, 2)
+        out = torch.cat([horizontal, vertical], dim=-1)  # not added into slices: their backward is 8 operators
+        if self.conv is not None:
+            out += self.conv(self.conv_act(qkv[:, :, :, -1].permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
         out = self.proj(self.act(out.reshape(B, N, C)))
         if self.bn is not None:
             out = self.bn(out.reshape(B * N, C)).reshape(B, N, C)

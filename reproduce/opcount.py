@@ -19,15 +19,18 @@ operator count depends on the optimizer's implementation, not on the model).
 """
 from __future__ import annotations
 
+import argparse
 import collections
+import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
+TOP_OPS = 8  # most frequent compute operators listed per model
 VIEW_LIKE = frozenset({"_unsafe_view", "_reshape_alias"})  # views whose schema does not declare the alias
 
 
@@ -91,13 +94,32 @@ def count_training_step(model: torch.nn.Module, x: torch.Tensor) -> OpCounts:
     return counter.counts
 
 
-def count_model(name: str, task: str, size: tuple[int, int], batch_size: int, mode: str,
-                num_classes: int, seed: int = 0) -> dict[str, Any]:
-    """``count_forward`` (mode ``infer``) or ``count_training_step`` (``train``) of a suite model on random input."""
-    from models.factory import build_model
+def count_model(name: str, task: str, size: Sequence[int], batch_size: int, mode: str, num_classes: int,
+                seed: int = 0) -> dict[str, Any]:
+    """``count_forward`` (mode ``infer``) or ``count_training_step`` (``train``) of a model that ``bench`` builds,
+    on random input."""
+    from reproduce.bench import _build
 
     torch.manual_seed(seed)
-    model = build_model(name, task, num_classes)
+    model = _build(name, task, num_classes)[0]
     x = torch.randn(batch_size, 3, *size)
     counts = (count_forward if mode == "infer" else count_training_step)(model, x)
-    return {"model": name, **counts.as_dict(), "top_ops": dict(counts.by_op.most_common(8))}
+    return {"model": name, **counts.as_dict(), "top_ops": dict(counts.by_op.most_common(TOP_OPS))}
+
+
+def run(args: argparse.Namespace) -> int:
+    """``bench --count-ops``: the counts of every ``--models`` entry for ``--mode``, ``--task``, ``--size`` and
+    ``--batch-size``, as a table or (``--json``) one JSON object."""
+    what = "forward (eval, no_grad)" if args.mode == "infer" else "training step (train mode, forward + cross-entropy + backward)"
+    rows = [count_model(name, args.task, args.size, args.batch_size, args.mode, args.num_classes) for name in args.models]
+    result = {"counted": f"dispatched ATen operators of one {what}", "task": args.task, "size": list(args.size),
+              "batch_size": args.batch_size, "mode": args.mode, "torch": torch.__version__, "results": rows}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{args.task} {what}, batch {args.batch_size}, {args.size[0]}x{args.size[1]}, torch {torch.__version__}: "
+          f"dispatched ATen operators (compute = all but views and allocations)")
+    for row in rows:
+        top = ", ".join(f"{op} {n}" for op, n in row["top_ops"].items())
+        print(f"{row['model']:>16}: {row['compute_ops']:>6,} compute, {row['view_ops']:>6,} views/allocations; most: {top}")
+    return 0
