@@ -22,7 +22,7 @@ import functools
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -146,15 +146,26 @@ def _key_padding_mask(
     return mask.repeat(batch, 1).reshape(batch * n_windows, 1, 1, length)
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_key_padding_mask(
-    batch: int, n_windows: int, length: int, n_valid: int, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """``_key_padding_mask`` built once per shape, device and dtype (it cost 2 of an eager block's ~40 operators).
-    Made outside inference mode: a mask first needed under ``torch.inference_mode`` must still be usable by a
-    later training step ("Inference tensors cannot be saved for backward")."""
+def _zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(shape, device=device, dtype=dtype)
+
+
+def _constant(build: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """``build(*args)`` for a tensor that depends on shapes, device and dtype only (zero padding, masks).
+
+    Eager mode reuses one tensor per argument tuple (saving an operator per use); while tracing or
+    compiling it is built in the graph, from the graph's sizes."""
+    if _sizes_are_traced() or torch.compiler.is_compiling():
+        return build(*args)
+    return _cached_constant(build, *args)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_constant(build: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    # made outside inference mode: a tensor first needed under ``torch.inference_mode`` must stay usable
+    # by a later training step ("Inference tensors cannot be saved for backward")
     with torch.inference_mode(False):
-        return _key_padding_mask(batch, n_windows, length, n_valid, device, dtype)
+        return build(*args)
 
 
 def stripe_attention(qkv: torch.Tensor, ws: int, n_heads: int) -> torch.Tensor:
@@ -162,23 +173,25 @@ def stripe_attention(qkv: torch.Tensor, ws: int, n_heads: int) -> torch.Tensor:
 
     ``qkv`` is (B, H, W, P, c) with P = 2 (q, v; the keys are the values) or 3 (q, k, v); the result
     is (B, H, W, c), a view of the attention output. H is zero-padded at the bottom to a multiple of
-    ``ws``; padded keys are masked and padded query rows cropped. Heads are consecutive channel groups,
-    concatenated head-major. In eager mode, sizes that need no padding skip the pad and the mask; while
-    tracing for export both are always computed (padding by 0 and an all-zero mask where none is needed).
+    ``ws`` (by concatenating zeros: unlike ``F.pad``, whose backward is a copy, the backward of a
+    concatenation is a view); padded keys are masked and padded query rows cropped. Heads are
+    consecutive channel groups, concatenated head-major. In eager mode, sizes that need no padding skip
+    the padding and the mask; while tracing for export both are always computed (padding by 0 rows
+    and an all-zero mask where none is needed), so the graph works at any size.
     """
-    B, H, W, _, c = qkv.shape
+    B, H, W, P, c = qkv.shape
     traced = _sizes_are_traced()
     pad = -H % ws
-    if traced or pad:  # ``traced`` first: ``pad`` is a tensor while tracing
-        qkv = F.pad(qkv, (0, 0, 0, 0, 0, 0, 0, pad))
+    padded = traced or pad  # ``traced`` first: ``pad`` is a tensor while tracing
+    if padded:
+        qkv = torch.cat([qkv, _constant(_zeros, (B, pad, W, P, c), qkv.device, qkv.dtype)], dim=1)
     n_windows, length, head_dim = (H + pad) // ws, ws * W, c // n_heads
-    windows = qkv.reshape(B * n_windows, length, -1, n_heads, head_dim)  # a view unless strides forbid it
+    windows = qkv.reshape(B * n_windows, length, P, n_heads, head_dim)  # a view unless strides forbid it
     parts = windows.unbind(2)  # (q, v) or (q, k, v): views whose backward is one stack, not a copy per part
     q, k, v = (t.transpose(1, 2) for t in (parts[0], parts[1], parts[-1]))  # (B*windows, heads, L, d); k = v if P = 2
     mask = None
-    if traced or pad:
-        build = _key_padding_mask if traced or torch.compiler.is_compiling() else _cached_key_padding_mask
-        mask = build(B, n_windows, length, (ws - pad) * W, qkv.device, qkv.dtype)
+    if padded:
+        mask = _constant(_key_padding_mask, B, n_windows, length, (ws - pad) * W, qkv.device, qkv.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).reshape(B, H + pad, W, c)[:, :H]
 
@@ -215,9 +228,9 @@ class HRViTAttn(nn.Module):
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, H, W, -1, C)  # (.., P, C): (q, v) with k = v, or (q, k, v)
-        # the halves as views of one unbind, whose backward is one stack (two slices' would be two
-        # zero-filled copies and an add)
-        horizontal, vertical = qkv.unflatten(-1, (2, C // 2)).unbind(-2)
+        # the halves as views of one split, whose backward is one cat (two slices' would be two zero-filled
+        # copies and an add)
+        horizontal, vertical = qkv.split(C // 2, dim=-1)
         horizontal = stripe_attention(horizontal, self.ws, self.n_heads)
         vertical = stripe_attention(vertical.transpose(1, 2), self.ws, self.n_heads).transpose(1, 2)
         out = torch.cat([horizontal, vertical], dim=-1)  # not added into slices: their backward is 8 operators
