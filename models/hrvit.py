@@ -54,7 +54,7 @@ NUM_BRANCHES = 4
 STEM_CHANNELS = 64
 HEAD_WIDTHS = (32, 64, 128, 256)  # §2.11: fixed for every variant
 HEAD_FEATURES = 2048
-MASK_VALUE = -100.0  # §2.7 step 7: the official mask value (not -inf)
+MASK_VALUE = -100.0  # §2.7 step 5: the official mask value (not -inf)
 
 
 def ablation_kwargs(names: Iterable[str] | str) -> dict[str, bool]:
@@ -117,7 +117,7 @@ SEG_EMBED_DIMS = {"hrvit_b1": 256, "hrvit_b2": 256, "hrvit_b3": 768}  # §2.12
 
 
 def half_heads(dim: int, dim_head: int) -> tuple[int, int]:
-    """(heads, head dim) inside one channel half (§2.7 step 6): one head of C/2 when C/2 < dim_head."""
+    """(heads, head dim) inside one channel half (§2.7 step 4): one head of C/2 when C/2 < dim_head."""
     half = dim // 2
     head_dim = min(dim_head, half)
     if dim % 2 or half % head_dim:
@@ -221,7 +221,7 @@ class HRViTAttn(nn.Module):
         self.act = nn.Hardswish() if nonlinearity_bn else nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.bn = nn.BatchNorm1d(dim) if nonlinearity_bn else None
-        if self.bn is not None:  # §2.7 step 10: the attention sub-layer starts as exactly 0
+        if self.bn is not None:  # §2.7 step 8: the attention sub-layer starts as exactly 0
             nn.init.zeros_(self.bn.weight)
             nn.init.zeros_(self.bn.bias)
 
