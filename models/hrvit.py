@@ -153,8 +153,9 @@ def _zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> 
 def _constant(build: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
     """``build(*args)`` for a tensor that depends on shapes, device and dtype only (zero padding, masks).
 
-    Eager mode reuses one tensor per argument tuple (saving an operator per use); while tracing or
-    compiling it is built in the graph, from the graph's sizes."""
+    Eager mode reuses one tensor per argument tuple (saving an operator per use; the device is part of
+    the key, so a model moved to another device gets its own); while tracing or compiling it is built in
+    the graph, from the graph's sizes."""
     if _sizes_are_traced() or torch.compiler.is_compiling():
         return build(*args)
     return _cached_constant(build, *args)
@@ -287,7 +288,7 @@ class DiversityShortcut(nn.Module):
         y = self.left(y.transpose(1, 2).reshape(-1, self.k)).view(-1, self.p, self.k).transpose(1, 2)  # (T, k, p)
         if residual is None:
             return y.reshape(shape)
-        return residual.reshape(y.shape).add(y).view(shape)
+        return residual.reshape(y.shape).add(y).reshape(shape)
 
 
 class ChunkedOutputLinear(nn.Linear):
