@@ -126,10 +126,13 @@ def half_heads(dim: int, dim_head: int) -> tuple[int, int]:
 
 
 def _sizes_are_traced() -> bool:
-    """True while ``torch.jit.trace`` or ``torch.onnx.export`` records the model: sizes are then values of the
-    graph, so stripe padding and masks must be computed from them on every path (a Python branch on a size
-    would be frozen for the traced size)."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    """True while ``torch.jit.trace``, ``torch.export`` or ``torch.onnx.export`` records the model: sizes are
+    then values of the graph, so stripe padding and masks must be computed from them on every path (a Python
+    branch on a size would be frozen for the traced size). False under plain ``torch.compile``, whose graphs
+    are specialised to static shapes anyway. Checked in this order so that eager mode pays two cheap calls."""
+    if torch.jit.is_tracing():
+        return True
+    return torch.compiler.is_compiling() and (torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
 
 
 def _key_padding_mask(
@@ -156,7 +159,7 @@ def _constant(build: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
     Eager mode reuses one tensor per argument tuple (saving an operator per use; the device is part of
     the key, so a model moved to another device gets its own); while tracing or compiling it is built in
     the graph, from the graph's sizes."""
-    if _sizes_are_traced() or torch.compiler.is_compiling():
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return build(*args)
     return _cached_constant(build, *args)
 
