@@ -78,8 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=4, help="loader worker processes for --data (default 4)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--count-ops", action="store_true",
-                        help="count the dispatched ATen operators of one pass (--mode infer: forward; train: forward + "
-                             "backward) per model instead of timing (deterministic; reproduce/opcount.py)")
+                        help="count the dispatched ATen operators of one pass on the CPU (--mode infer: forward; train: "
+                             "forward + backward) per model instead of timing (deterministic; reproduce/opcount.py)")
 
 
 def check_args(args: argparse.Namespace) -> None:
