@@ -23,7 +23,7 @@ import functools
 import math
 import re
 from dataclasses import dataclass, fields, replace
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,7 @@ NUM_BRANCHES = 4
 STEM_CHANNELS = 64
 HEAD_WIDTHS = (32, 64, 128, 256)  # §2.11: fixed for every variant
 HEAD_FEATURES = 2048
-MASK_VALUE = -100.0  # §2.7 step 7: the official mask value (not -inf)
+MASK_VALUE = -100.0  # §2.7 step 5: the official mask value (not -inf)
 
 
 def ablation_kwargs(names: Iterable[str] | str) -> dict[str, bool]:
@@ -119,7 +119,7 @@ SEG_EMBED_DIMS = {"hrvit_b1": 256, "hrvit_b2": 256, "hrvit_b3": 768}  # §2.12
 
 
 def half_heads(dim: int, dim_head: int) -> tuple[int, int]:
-    """(heads, head dim) inside one channel half (§2.7 step 6): one head of C/2 when C/2 < dim_head."""
+    """(heads, head dim) inside one channel half (§2.7 step 4): one head of C/2 when C/2 < dim_head."""
     half = dim // 2
     head_dim = min(dim_head, half)
     if dim % 2 or half % head_dim:
@@ -127,33 +127,77 @@ def half_heads(dim: int, dim_head: int) -> tuple[int, int]:
     return half // head_dim, head_dim
 
 
-def _key_padding_mask(batch: int, n_windows: int, length: int, n_valid: int, like: torch.Tensor) -> torch.Tensor:
+def _sizes_are_traced() -> bool:
+    """True while ``torch.jit.trace``, ``torch.export`` or ``torch.onnx.export`` records the model: sizes are
+    then values of the graph, so stripe padding and masks must be computed from them on every path (a Python
+    branch on a size would be frozen for the traced size). False under plain ``torch.compile``, whose graphs
+    are specialised to static shapes anyway. Checked in this order so that eager mode pays two cheap calls."""
+    if torch.jit.is_tracing():
+        return True
+    return torch.compiler.is_compiling() and (torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
+
+
+def _key_padding_mask(
+    batch: int, n_windows: int, length: int, n_valid: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """Additive mask (B*windows, 1, 1, L): -100 on the padded keys of each image's last stripe, else 0.
 
     Only valid query rows are kept after attention, and for those this equals the official
-    query-and-key mask of §2.7 step 7. Built per call (it is tiny): a cached tensor would outlive
-    its device and, when first made under ``torch.inference_mode``, break a later training step.
+    query-and-key mask of §2.7 step 5. Built from the sizes alone, so a trace computes it at any size.
     """
-    mask = like.new_zeros(batch, n_windows, 1, 1, length)
-    mask[:, -1, ..., n_valid:] = MASK_VALUE
-    return mask.reshape(batch * n_windows, 1, 1, length)
+    padded_key = torch.arange(length, device=device) >= n_valid
+    last_window = torch.arange(n_windows, device=device) == n_windows - 1
+    mask = (last_window[:, None] & padded_key).to(dtype) * MASK_VALUE
+    return mask.repeat(batch, 1).reshape(batch * n_windows, 1, 1, length)
+
+
+def _zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(shape, device=device, dtype=dtype)
+
+
+def _constant(build: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """``build(*args)`` for a tensor that depends on shapes, device and dtype only (zero padding, masks).
+
+    Eager mode reuses one tensor per argument tuple (saving an operator per use; the device is part of
+    the key, so a model moved to another device gets its own); while tracing or compiling it is built in
+    the graph, from the graph's sizes."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return build(*args)
+    return _cached_constant(build, *args)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_constant(build: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    # made outside inference mode: a tensor first needed under ``torch.inference_mode`` must stay usable
+    # by a later training step ("Inference tensors cannot be saved for backward")
+    with torch.inference_mode(False):
+        return build(*args)
 
 
 def stripe_attention(qkv: torch.Tensor, ws: int, n_heads: int) -> torch.Tensor:
     """Attention inside horizontal stripes of ``ws`` rows.
 
     ``qkv`` is (B, H, W, P, c) with P = 2 (q, v; the keys are the values) or 3 (q, k, v); the result
-    is (B, H, W, c). H is zero-padded at the bottom to a multiple of ``ws``; padded keys are masked
-    and padded query rows cropped. Heads are consecutive channel groups, concatenated head-major.
+    is (B, H, W, c), a view of the attention output. H is zero-padded at the bottom to a multiple of
+    ``ws`` (by concatenating zeros: unlike ``F.pad``, whose backward is a copy, the backward of a
+    concatenation is a view); padded keys are masked and padded query rows cropped. Heads are
+    consecutive channel groups, concatenated head-major. In eager mode, sizes that need no padding skip
+    the padding and the mask; while tracing for export both are always computed (padding by 0 rows
+    and an all-zero mask where none is needed), so the graph works at any size.
     """
-    B, H, W, _, c = qkv.shape
+    B, H, W, P, c = qkv.shape
+    traced = _sizes_are_traced()
     pad = -H % ws
-    if pad:
-        qkv = F.pad(qkv, (0, 0, 0, 0, 0, 0, 0, pad))
+    padded = traced or pad  # ``traced`` first: ``pad`` is a tensor while tracing
+    if padded:
+        qkv = torch.cat([qkv, _constant(_zeros, (B, pad, W, P, c), qkv.device, qkv.dtype)], dim=1)
     n_windows, length, head_dim = (H + pad) // ws, ws * W, c // n_heads
-    windows = qkv.reshape(B * n_windows, length, -1, n_heads, head_dim)  # a view unless strides forbid it
-    q, k, v = (windows[:, :, i].transpose(1, 2) for i in (0, 1, -1))  # (B*windows, heads, L, d); k = v if P = 2
-    mask = _key_padding_mask(B, n_windows, length, (ws - pad) * W, qkv) if pad else None
+    windows = qkv.reshape(B * n_windows, length, P, n_heads, head_dim)  # a view unless strides forbid it
+    parts = windows.unbind(2)  # (q, v) or (q, k, v): views whose backward is one stack, not a copy per part
+    q, k, v = (t.transpose(1, 2) for t in (parts[0], parts[1], parts[-1]))  # (B*windows, heads, L, d); k = v if P = 2
+    mask = None
+    if padded:
+        mask = _constant(_key_padding_mask, B, n_windows, length, (ws - pad) * W, qkv.device, qkv.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).reshape(B, H + pad, W, c)[:, :H]
 
@@ -183,23 +227,21 @@ class HRViTAttn(nn.Module):
         self.act = nn.Hardswish() if nonlinearity_bn else nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.bn = nn.BatchNorm1d(dim) if nonlinearity_bn else None
-        if self.bn is not None:  # §2.7 step 10: the attention sub-layer starts as exactly 0
+        if self.bn is not None:  # §2.7 step 8: the attention sub-layer starts as exactly 0
             nn.init.zeros_(self.bn.weight)
             nn.init.zeros_(self.bn.bias)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, H, W, -1, C)  # (.., P, C): (q, v) with k = v, or (q, k, v)
-        v = qkv[:, :, :, -1]
-        half = C // 2
-        horizontal = stripe_attention(qkv[..., :half], self.ws, self.n_heads)
-        vertical = stripe_attention(qkv[..., half:].transpose(1, 2), self.ws, self.n_heads).transpose(1, 2)
-        if self.conv is None:
-            out = torch.cat([horizontal, vertical], dim=-1)
-        else:  # the halves are added into the conv path's fresh (B, H, W, C) output: no concat pass
-            out = self.conv(self.conv_act(v.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
-            out[..., :half] += horizontal
-            out[..., half:] += vertical
+        # the halves as views of one split, whose backward is one cat (two slices' would be two zero-filled
+        # copies and an add)
+        horizontal, vertical = qkv.split(C // 2, dim=-1)
+        horizontal = stripe_attention(horizontal, self.ws, self.n_heads)
+        vertical = stripe_attention(vertical.transpose(1, 2), self.ws, self.n_heads).transpose(1, 2)
+        out = torch.cat([horizontal, vertical], dim=-1)  # not added into slices: their backward is 8 operators
+        if self.conv is not None:
+            out += self.conv(self.conv_act(qkv[:, :, :, -1].permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
         out = self.proj(self.act(out.reshape(B, N, C)))
         if self.bn is not None:
             out = self.bn(out.reshape(B * N, C)).reshape(B, N, C)
@@ -243,10 +285,15 @@ class DiversityShortcut(nn.Module):
         self.act = nn.GELU()
         self.left = nn.Linear(self.k, self.k)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """DES(x), or ``residual`` + DES(x): the sum is taken while the left product is still in its
+        transposed (p, k) layout, which saves copying it back to (k, p) first."""
         shape = x.shape
-        x = self.act(self.right(x.reshape(*shape[:-1], self.k, self.p))).transpose(-1, -2)
-        return self.left(x).transpose(-1, -2).reshape(shape)
+        y = self.act(self.right(x.reshape(-1, self.p))).view(-1, self.k, self.p)
+        y = self.left(y.transpose(1, 2).reshape(-1, self.k)).view(-1, self.p, self.k).transpose(1, 2)  # (T, k, p)
+        if residual is None:
+            return y.reshape(shape)
+        return residual.reshape(y.shape).add(y).reshape(shape)
 
 
 class ChunkedOutputLinear(nn.Linear):
@@ -329,7 +376,7 @@ class HRViTBlock(nn.Module):
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         a = self.attn(self.norm1(x), H, W)
         if self.des is not None:
-            a = a + self.des(x)  # DES sees the un-normalised input and shares the attention drop-path
+            a = self.des(x, residual=a)  # DES sees the un-normalised input and shares the attention drop-path
         x = x + self.drop_path(a)
         return x + self.drop_path(self.mlp(self.norm2(x), H, W))
 

@@ -110,6 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help="dataset root for --data (default: generated data)")
     parser.add_argument("--workers", type=int, default=4, help="loader worker processes for --data (default 4)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="count the dispatched ATen operators of one pass on the CPU (--mode infer: forward; train: "
+                             "forward + backward) per model instead of timing (deterministic; reproduce/opcount.py)")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -567,6 +570,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num_classes is None:
         args.num_classes = 19 if args.task == "seg" else 1000
+    if args.count_ops:
+        from reproduce.opcount import run as count_ops
+
+        return count_ops(args)
     options = {k: getattr(args, k) for k in OPTION_KEYS}
     peak = matmul_peak_gmacs(args.device, args.amp, args.threads)
     jobs = _jobs(args)
