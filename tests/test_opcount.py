@@ -97,3 +97,22 @@ def test_exported_branch_is_correct_at_padded_sizes(tmp_path):
         assert got.shape == want.shape
         assert abs(got - want).max() < 1e-4
 
+
+def test_bench_fuse_bn_times_the_folded_model_and_says_so(capsys):
+    argv = ["bench", "--models", "hrvit_b1", "--size", "32", "32", "--runs", "1", "--warmup", "0", "--threads", "1",
+            "--same-process", "--json"]
+    rows = {}
+    for flags in ([], ["--fuse-bn"]):
+        assert main([*argv, *flags]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["options"]["fuse_bn"] == bool(flags)
+        rows[bool(flags)] = result["results"][0]
+    plain, fused = rows[False], rows[True]
+    assert (plain["fused_bn"], fused["fused_bn"]) == (False, True)
+    assert fused["params"] == plain["params"]  # the model as built
+    assert fused["profiled_aten_ops"] < plain["profiled_aten_ops"]  # the BatchNorms are gone from the pass
+
+
+def test_bench_fuse_bn_is_for_inference_only(capsys):
+    assert main(["bench", "--fuse-bn", "--mode", "train"]) == 2
+    assert "--fuse-bn folds BatchNorm for inference only" in capsys.readouterr().err
