@@ -10,7 +10,7 @@ import torch
 
 from models.factory import build_model
 from models.fuse import fuse_for_inference
-from models.hrvit import HRViTBranch
+from models.hrvit import HRViTBranch, stripe_attention
 from reproduce.cli import main
 from reproduce.opcount import count_forward, count_model, count_training_step
 
@@ -77,6 +77,16 @@ def test_cached_padding_survives_inference_then_training_on_another_dtype():
         branch.double()(x.double())
     branch.float().train()(x).sum().backward()
     assert branch.blocks[0].attn.qkv.weight.grad is not None
+
+
+@pytest.mark.parametrize("rows, ws", [(9, 3), (10, 7)])  # no padding; padded by 4 rows
+def test_maps_batched_into_one_stripe_attention_call_give_each_maps_own_result(rows, ws):
+    torch.manual_seed(0)
+    maps = [torch.randn(2, rows, 5, 2, 8) for _ in range(2)]  # (B, H, W, (q, v), c)
+    together = stripe_attention(maps, ws, n_heads=2)
+    for got, m in zip(together, maps):
+        torch.testing.assert_close(got, stripe_attention([m], ws, n_heads=2)[0], atol=1e-6, rtol=0)
+        assert got.shape == (2, rows, 5, 8)
 
 
 def test_exported_branch_is_correct_at_padded_sizes(tmp_path):
