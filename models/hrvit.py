@@ -243,7 +243,9 @@ class HRViTAttn(nn.Module):
         # copies and an add)
         horizontal, vertical = qkv.split(C // 2, dim=-1)
         vertical = vertical.transpose(1, 2)  # vertical stripes of the map are horizontal ones of its transpose
-        if H == W and not _sizes_are_traced():  # both halves' stripes have one length: one attention call
+        # one attention call when both halves' stripes have one length (a square map) and the halves are copied
+        # anyway (padding, or a transposed half that no view can split into stripes): one-row stripes need no copy
+        if H == W and self.ws > 1 and not _sizes_are_traced():
             horizontal, vertical = stripe_attention((horizontal, vertical), self.ws, self.n_heads)
         else:
             (horizontal,), (vertical,) = (stripe_attention((m,), self.ws, self.n_heads) for m in (horizontal, vertical))
