@@ -174,32 +174,37 @@ def _cached_constant(build: Callable[..., torch.Tensor], *args: Any) -> torch.Te
         return build(*args)
 
 
-def stripe_attention(qkv: torch.Tensor, ws: int, n_heads: int) -> torch.Tensor:
-    """Attention inside horizontal stripes of ``ws`` rows.
+def stripe_attention(maps: Sequence[torch.Tensor], ws: int, n_heads: int) -> tuple[torch.Tensor, ...]:
+    """Attention inside horizontal stripes of ``ws`` rows, for one or more maps of one shape in one call.
 
-    ``qkv`` is (B, H, W, P, c) with P = 2 (q, v; the keys are the values) or 3 (q, k, v); the result
-    is (B, H, W, c), a view of the attention output. H is zero-padded at the bottom to a multiple of
-    ``ws`` (by concatenating zeros: unlike ``F.pad``, whose backward is a copy, the backward of a
-    concatenation is a view); padded keys are masked and padded query rows cropped. Heads are
-    consecutive channel groups, concatenated head-major. In eager mode, sizes that need no padding skip
-    the padding and the mask; while tracing for export both are always computed (padding by 0 rows
-    and an all-zero mask where none is needed), so the graph works at any size.
+    Each map is (B, H, W, P, c) with P = 2 (q, v; the keys are the values) or 3 (q, k, v); each result
+    is (B, H, W, c), a view of the attention output. The maps are concatenated along H, each followed by
+    its zero padding to a multiple of ``ws`` rows, so that the stripes of all of them are one batch of
+    ``F.scaled_dot_product_attention`` (the backward of a concatenation is views, unlike ``F.pad``'s
+    copy); padded keys are masked and padded query rows cropped. Heads are consecutive channel groups,
+    concatenated head-major. In eager mode, sizes that need no padding skip the padding and the mask;
+    while tracing for export both are always computed (padding by 0 rows and an all-zero mask where
+    none is needed), so the graph works at any size.
     """
-    B, H, W, P, c = qkv.shape
+    B, H, W, P, c = maps[0].shape
     traced = _sizes_are_traced()
     pad = -H % ws
     padded = traced or pad  # ``traced`` first: ``pad`` is a tensor while tracing
+    parts = list(maps)
     if padded:
-        qkv = torch.cat([qkv, _constant(_zeros, (B, pad, W, P, c), qkv.device, qkv.dtype)], dim=1)
-    n_windows, length, head_dim = (H + pad) // ws, ws * W, c // n_heads
-    windows = qkv.reshape(B * n_windows, length, P, n_heads, head_dim)  # a view unless strides forbid it
-    parts = windows.unbind(2)  # (q, v) or (q, k, v): views whose backward is one stack, not a copy per part
-    q, k, v = (t.transpose(1, 2) for t in (parts[0], parts[1], parts[-1]))  # (B*windows, heads, L, d); k = v if P = 2
+        zeros = _constant(_zeros, (B, pad, W, P, c), maps[0].device, maps[0].dtype)
+        parts = [t for m in maps for t in (m, zeros)]
+    qkv = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    n_maps, n_windows, length, head_dim = len(maps), (H + pad) // ws, ws * W, c // n_heads
+    windows = qkv.reshape(B * n_maps * n_windows, length, P, n_heads, head_dim)  # a view unless strides forbid it
+    qkv_parts = windows.unbind(2)  # (q, v) or (q, k, v): views whose backward is one stack, not a copy per part
+    q, k, v = (t.transpose(1, 2) for t in (qkv_parts[0], qkv_parts[1], qkv_parts[-1]))  # (.., heads, L, d); k = v if P = 2
     mask = None
     if padded:
-        mask = _constant(_key_padding_mask, B, n_windows, length, (ws - pad) * W, qkv.device, qkv.dtype)
+        mask = _constant(_key_padding_mask, B * n_maps, n_windows, length, (ws - pad) * W, qkv.device, qkv.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.transpose(1, 2).reshape(B, H + pad, W, c)[:, :H]
+    out = out.transpose(1, 2).reshape(B, n_maps, H + pad, W, c)
+    return (out[:, :, :H] if padded else out).unbind(1)
 
 
 class HRViTAttn(nn.Module):
@@ -237,8 +242,14 @@ class HRViTAttn(nn.Module):
         # the halves as views of one split, whose backward is one cat (two slices' would be two zero-filled
         # copies and an add)
         horizontal, vertical = qkv.split(C // 2, dim=-1)
-        horizontal = stripe_attention(horizontal, self.ws, self.n_heads)
-        vertical = stripe_attention(vertical.transpose(1, 2), self.ws, self.n_heads).transpose(1, 2)
+        vertical = vertical.transpose(1, 2)  # vertical stripes of the map are horizontal ones of its transpose
+        # one attention call when both halves' stripes have one length (a square map) and the halves are copied
+        # anyway (padding, or a transposed half that no view can split into stripes): one-row stripes need no copy
+        if H == W and self.ws > 1 and not _sizes_are_traced():
+            horizontal, vertical = stripe_attention((horizontal, vertical), self.ws, self.n_heads)
+        else:
+            (horizontal,), (vertical,) = (stripe_attention((m,), self.ws, self.n_heads) for m in (horizontal, vertical))
+        vertical = vertical.transpose(1, 2)
         out = torch.cat([horizontal, vertical], dim=-1)  # not added into slices: their backward is 8 operators
         if self.conv is not None:
             out += self.conv(self.conv_act(qkv[:, :, :, -1].permute(0, 3, 1, 2))).permute(0, 2, 3, 1)

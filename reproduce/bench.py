@@ -17,7 +17,9 @@ fp32 (or ``--amp`` dtype) matmul peak, measured in the same run with the same th
 
 ``--compile`` times the eager model first, then ``torch.compile(fullgraph=True)``: it reports the
 compile time (the first compiled call) and the speed-up over eager. ``--channels-last`` converts
-model and input to the channels-last memory format.
+model and input to the channels-last memory format. ``--fuse-bn`` (``--mode infer``) times the models with
+every BatchNorm folded into the layer before it (``models/fuse.py``); the rows say ``fused_bn``, and
+``params`` stays the count of the model as built.
 
 ``--variants`` times each model in several forms, each its own row (``NAME+VARIANT``) in the same
 alternating rounds: ``eager``; ``compile`` (``torch.compile``); ``reduce-overhead`` (``torch.compile``
@@ -90,6 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", choices=AMP_DTYPES, help="CUDA autocast dtype (default: fp32, no autocast)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True): compile time, speed-up")
     parser.add_argument("--channels-last", action="store_true", help="model and input in channels-last memory format")
+    parser.add_argument("--fuse-bn", action="store_true",
+                        help="--mode infer: fold each BatchNorm into the conv/linear before it (models/fuse.py) before timing")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["eager"], metavar="VARIANT",
                         help=f"forms of each model to time, one row each, alternating: {', '.join(VARIANTS)} "
                              "(cuda-graphs: CUDA only) (default: eager)")
@@ -149,6 +153,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.compile and set(args.variants) != {"eager"}:
         raise ValueError("--compile pairs eager with torch.compile in one row; use it with --variants eager, "
                          "or drop it and list --variants eager compile")
+    if args.fuse_bn and args.mode != "infer":
+        raise ValueError("--fuse-bn folds BatchNorm for inference only; use it with --mode infer")
     if args.same_process and args.against:
         raise ValueError("--against runs the other checkout's models in their own processes; drop --same-process")
     if args.device == "cuda":
@@ -354,6 +360,11 @@ def bench_one(config: dict[str, Any]) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True  # static shapes: autotuned once, in the first pass
     model, family = _build(config["model"], config["task"], config["num_classes"])
     memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
+    params = sum(p.numel() for p in model.parameters())  # of the model as built, also when its BatchNorms are folded
+    if config.get("fuse_bn"):
+        from models.fuse import fuse_for_inference
+
+        model = fuse_for_inference(model)
     model = model.train(config["mode"] == "train").to(device, memory_format=memory_format)
     x = torch.randn(config["batch_size"], 3, *config["size"], device=device).contiguous(memory_format=memory_format)
 
@@ -388,7 +399,8 @@ def bench_one(config: dict[str, Any]) -> dict[str, Any]:
     row = {  # raw measurements; rates and ratios are derived once, over rounds, in run()
         "model": config["model"],
         "variant": variant,
-        "params": sum(p.numel() for p in plain.parameters()),
+        "params": params,
+        "fused_bn": bool(config.get("fuse_bn")),
         "gmacs": gmacs,
         "latency_s": latency,
         "latencies_s": times,
@@ -524,8 +536,8 @@ def _run_data(args: argparse.Namespace) -> int:
     return 0
 
 
-OPTION_KEYS = ("mode", "task", "batch_size", "device", "amp", "compile", "channels_last", "runs", "warmup", "size",
-               "num_classes", "threads")  # what each worker is told (--rounds and --against shape the set of runs)
+OPTION_KEYS = ("mode", "task", "batch_size", "device", "amp", "compile", "channels_last", "fuse_bn", "runs", "warmup",
+               "size", "num_classes", "threads")  # what each worker is told (--rounds and --against shape the set of runs)
 
 
 def _measure_rounds(args: argparse.Namespace, jobs: list[tuple[str, str, Path, str]], options: dict[str, Any],
@@ -622,7 +634,8 @@ def _print_table(result: dict[str, Any]) -> None:
     what = "forward pass" if opts["mode"] == "infer" else "training step (fwd + bwd + AdamW)"
     print(f"{opts['task']} {what}, batch {opts['batch_size']}, {opts['size'][0]}x{opts['size'][1]}, "
           f"{opts['num_classes']} classes, {opts['device']} {opts['amp'] or 'fp32'}"
-          f"{', channels-last' if opts['channels_last'] else ''}{', compiled' if opts['compile'] else ''}, "
+          f"{', channels-last' if opts['channels_last'] else ''}{', compiled' if opts['compile'] else ''}"
+          f"{', BatchNorm folded' if opts.get('fuse_bn') else ''}, "
           f"median of {opts['runs']} after {opts['warmup']} warm-up"
           f"{f' per round, medians over {rounds} alternating rounds' if (rounds := result['rounds']) > 1 else ''}, "
           f"torch {result['torch']}, {result['threads']} threads; "

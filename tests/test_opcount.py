@@ -10,15 +10,15 @@ import torch
 
 from models.factory import build_model
 from models.fuse import fuse_for_inference
-from models.hrvit import HRViTBranch
+from models.hrvit import HRViTBranch, stripe_attention
 from reproduce.cli import main
 from reproduce.opcount import count_forward, count_model, count_training_step
 
 # Exact counts of this code (torch 2.14): a change that adds operators must update them knowingly. The
 # forward count is the same at 512x512 (1,488 before the eager work of issue 16): 64x64 pads the same
 # branches (the two ws = 7 ones). The training step was 4,943 by this counter before that work.
-HRVIT_B1_SEG_FORWARD_OPS = 1252
-HRVIT_B1_CLS_TRAIN_STEP_OPS = 3609
+HRVIT_B1_SEG_FORWARD_OPS = 1199
+HRVIT_B1_CLS_TRAIN_STEP_OPS = 3475
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,16 @@ def test_cached_padding_survives_inference_then_training_on_another_dtype():
     assert branch.blocks[0].attn.qkv.weight.grad is not None
 
 
+@pytest.mark.parametrize("rows, ws", [(9, 3), (10, 7)])  # no padding; padded by 4 rows
+def test_maps_batched_into_one_stripe_attention_call_give_each_maps_own_result(rows, ws):
+    torch.manual_seed(0)
+    maps = [torch.randn(2, rows, 5, 2, 8) for _ in range(2)]  # (B, H, W, (q, v), c)
+    together = stripe_attention(maps, ws, n_heads=2)
+    for got, m in zip(together, maps):
+        torch.testing.assert_close(got, stripe_attention([m], ws, n_heads=2)[0], atol=1e-6, rtol=0)
+        assert got.shape == (2, rows, 5, 8)
+
+
 def test_exported_branch_is_correct_at_padded_sizes(tmp_path):
     """torch.onnx.export (TorchScript tracing) computes the stripe padding and mask from the input's shape."""
     ort = pytest.importorskip("onnxruntime")
@@ -96,3 +106,23 @@ def test_exported_branch_is_correct_at_padded_sizes(tmp_path):
         got = session.run(None, {"x": x.numpy()})[0]
         assert got.shape == want.shape
         assert abs(got - want).max() < 1e-4
+
+
+def test_bench_fuse_bn_times_the_folded_model_and_says_so(capsys):
+    argv = ["bench", "--models", "hrvit_b1", "--size", "32", "32", "--runs", "1", "--warmup", "0", "--threads", "1",
+            "--same-process", "--json"]
+    rows = {}
+    for flags in ([], ["--fuse-bn"]):
+        assert main([*argv, *flags]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["options"]["fuse_bn"] == bool(flags)
+        rows[bool(flags)] = result["results"][0]
+    plain, fused = rows[False], rows[True]
+    assert (plain["fused_bn"], fused["fused_bn"]) == (False, True)
+    assert fused["params"] == plain["params"]  # the model as built
+    assert fused["profiled_aten_ops"] < plain["profiled_aten_ops"]  # the BatchNorms are gone from the pass
+
+
+def test_bench_fuse_bn_is_for_inference_only(capsys):
+    assert main(["bench", "--fuse-bn", "--mode", "train"]) == 2
+    assert "--fuse-bn folds BatchNorm for inference only" in capsys.readouterr().err
