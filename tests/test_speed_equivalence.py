@@ -18,7 +18,7 @@ _spec.loader.exec_module(ref)
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, list[torch.Tensor]]:
-    return torch.load(ref.FIXTURE)
+    return torch.load(ref.FIXTURE, weights_only=True)
 
 
 @pytest.fixture(autouse=True)
