@@ -294,17 +294,25 @@ class DiversityShortcut(nn.Module):
         self.k = dim // self.p
         self.right = nn.Linear(self.p, self.p)
         self.act = nn.GELU()
-        self.left = nn.Linear(self.k, self.k)
+        self.left = LeftLinear(self.k, self.k)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """DES(x), or ``residual`` + DES(x): the sum is taken while the left product is still in its
-        transposed (p, k) layout, which saves copying it back to (k, p) first."""
+        """DES(x), or ``residual`` + DES(x)."""
         shape = x.shape
-        y = self.act(self.right(x.reshape(-1, self.p))).view(-1, self.k, self.p)
-        y = self.left(y.transpose(1, 2).reshape(-1, self.k)).view(-1, self.p, self.k).transpose(1, 2)  # (T, k, p)
+        y = self.left(self.act(self.right(x.reshape(-1, self.p))).view(-1, self.k, self.p))  # (T, k, p)
         if residual is None:
             return y.reshape(shape)
         return residual.reshape(y.shape).add(y).reshape(shape)
+
+
+class LeftLinear(nn.Linear):
+    """nn.Linear applied from the left to each (k, p) matrix of a (T, k, p) batch: W·Y + b (same weights,
+    state-dict keys and module-hook FLOPs as nn.Linear over the transposed rows). One batched matrix
+    product whose output is already in the (k, p) layout, where a plain Linear on the transpose needs a
+    copy in and a transposed result back."""
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias[:, None], self.weight.expand(y.shape[0], -1, -1), y)
 
 
 class ChunkedOutputLinear(nn.Linear):

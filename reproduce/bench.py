@@ -17,8 +17,9 @@ fp32 (or ``--amp`` dtype) matmul peak, measured in the same run with the same th
 
 ``--compile`` times the eager model first, then ``torch.compile(fullgraph=True)``: it reports the
 compile time (the first compiled call) and the speed-up over eager. ``--channels-last`` converts
-model and input to the channels-last memory format. ``--fuse-bn`` (``--mode infer``) times the models with
-every BatchNorm folded into the layer before it (``models/fuse.py``); the rows say ``fused_bn``, and
+model and input to the channels-last memory format. ``--fuse-bn`` (``--mode infer``) times the models' merged
+inference copies (``models/fuse.py``: every BatchNorm folded into the layer before it, HRViT's MixCFN
+convolutions merged, the SegFormer head's projections composed); the rows say ``fused_bn``, and
 ``params`` stays the count of the model as built.
 
 ``--variants`` times each model in several forms, each its own row (``NAME+VARIANT``) in the same
@@ -93,7 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True): compile time, speed-up")
     parser.add_argument("--channels-last", action="store_true", help="model and input in channels-last memory format")
     parser.add_argument("--fuse-bn", action="store_true",
-                        help="--mode infer: fold each BatchNorm into the conv/linear before it (models/fuse.py) before timing")
+                        help="--mode infer: time (or --count-ops: count) the merged inference copy: BatchNorms folded, "
+                             "MixCFN and SegFormer-head convolutions merged (models/fuse.py)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["eager"], metavar="VARIANT",
                         help=f"forms of each model to time, one row each, alternating: {', '.join(VARIANTS)} "
                              "(cuda-graphs: CUDA only) (default: eager)")

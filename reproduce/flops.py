@@ -36,7 +36,8 @@ product_attention`` node, and torch's counter has no formula for the CPU fused k
 path (e.g. value width != query width, non-contiguous inputs) reach it as counted ``bmm`` ops. The
 ledger therefore teaches each tool the one op it misses (an fvcore op handle; a torch
 ``custom_mapping`` entry) instead of adding counts afterwards: every SDPA call is counted exactly
-once by whichever path it takes, and lands in the right module of the breakdown. It also checks,
+once by whichever path it takes, and lands in the right module of the breakdown. (fvcore also lacks a
+``baddbmm`` handle, which HRViT's DES uses; the ledger gives it one.) It also checks,
 during the paper pass, that every SDPA call ran inside a module with a registered counter and that
 each untraced counter agrees with the SDPA shapes it ran, so attention is never silently dropped.
 """
@@ -153,6 +154,14 @@ def _fvcore_sdpa_handle(inputs: list, outputs: list) -> int:
     from fvcore.nn.jit_handles import get_shape
 
     return sdpa_macs(*(get_shape(v) for v in inputs[:3]))
+
+
+def _fvcore_baddbmm_handle(inputs: list, outputs: list) -> int:
+    """fvcore has a ``bmm`` handle but none for ``baddbmm`` (bias + batched product): the product's MACs."""
+    from fvcore.nn.jit_handles import get_shape
+
+    batch, n, k = get_shape(inputs[1])
+    return batch * n * k * get_shape(inputs[2])[-1]
 
 
 CPU_FUSED_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # no flop formula in torch's registry
@@ -320,7 +329,9 @@ def _fvcore_counts(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
         warnings.simplefilter("ignore")
         from fvcore.nn import FlopCountAnalysis
 
-        analysis = FlopCountAnalysis(model, x).set_op_handle("aten::scaled_dot_product_attention", _fvcore_sdpa_handle)
+        analysis = FlopCountAnalysis(model, x).set_op_handle(
+            "aten::scaled_dot_product_attention", _fvcore_sdpa_handle, "aten::baddbmm", _fvcore_baddbmm_handle
+        )
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         return dict(analysis.by_module())
 

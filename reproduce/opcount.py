@@ -13,8 +13,9 @@ operators are seen as well), one entry per ATen call:
   ``detach``, ``_unsafe_view``, ...) and pure allocations (``empty*``): no data is touched, but each
   is a dispatch.
 
-A forward is one call of the model in eval mode under ``torch.no_grad``; a training step is one
-forward in train mode, the cross-entropy on fixed labels and the backward (no optimizer step: its
+A forward is one call of the model in eval mode under ``torch.no_grad`` (with ``--fuse-bn``, of the
+merged inference copy that ``models.fuse.fuse_for_inference`` makes); a training step is one forward in
+train mode, the cross-entropy on fixed labels and the backward (no optimizer step: its
 operator count depends on the optimizer's implementation, not on the model).
 """
 from __future__ import annotations
@@ -95,23 +96,29 @@ def count_training_step(model: torch.nn.Module, x: torch.Tensor) -> OpCounts:
 
 
 def count_model(name: str, task: str, size: Sequence[int], batch_size: int, mode: str, num_classes: int,
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0, fuse_bn: bool = False) -> dict[str, Any]:
     """``count_forward`` (mode ``infer``) or ``count_training_step`` (``train``) of a model that ``bench`` builds,
-    on random input."""
+    on random input; ``fuse_bn``: of its inference copy (``models.fuse.fuse_for_inference``)."""
+    from models.fuse import fuse_for_inference
     from reproduce.bench import _build
 
     torch.manual_seed(seed)
     model = _build(name, task, num_classes)[0]
+    if fuse_bn:
+        model = fuse_for_inference(model)
     x = torch.randn(batch_size, 3, *size)
     counts = (count_forward if mode == "infer" else count_training_step)(model, x)
-    return {"model": name, **counts.as_dict(), "top_ops": dict(counts.by_op.most_common(TOP_OPS))}
+    return {"model": name, "fused_bn": fuse_bn, **counts.as_dict(), "top_ops": dict(counts.by_op.most_common(TOP_OPS))}
 
 
 def run(args: argparse.Namespace) -> int:
     """``bench --count-ops``: the counts of every ``--models`` entry for ``--mode``, ``--task``, ``--size`` and
     ``--batch-size``, as a table or (``--json``) one JSON object."""
     what = "forward (eval, no_grad)" if args.mode == "infer" else "training step (train mode, forward + cross-entropy + backward)"
-    rows = [count_model(name, args.task, args.size, args.batch_size, args.mode, args.num_classes) for name in args.models]
+    if args.fuse_bn:
+        what += " of the inference copy (models/fuse.py)"
+    rows = [count_model(name, args.task, args.size, args.batch_size, args.mode, args.num_classes, fuse_bn=args.fuse_bn)
+            for name in args.models]
     result = {"counted": f"dispatched ATen operators of one {what}", "task": args.task, "size": list(args.size),
               "batch_size": args.batch_size, "mode": args.mode, "torch": torch.__version__, "results": rows}
     if args.json:

@@ -1,5 +1,5 @@
-"""Dispatched-operator counts of HRViT (reproduce/opcount.py, ``bench --count-ops``), BatchNorm folding for
-inference (models/fuse.py) and export of HRViT's stripe padding at sizes other than the traced one."""
+"""Dispatched-operator counts of HRViT (reproduce/opcount.py, ``bench --count-ops``), the merged inference
+copy (models/fuse.py) and export of HRViT's stripe padding at sizes other than the traced one."""
 from __future__ import annotations
 
 import copy
@@ -9,29 +9,17 @@ import pytest
 import torch
 
 from models.factory import build_model
-from models.fuse import fuse_for_inference
-from models.hrvit import HRViTBranch, stripe_attention
+from models.fuse import ComposedSegFormerHead, MergedMixCFN, fuse_for_inference
+from models.hrvit import HRViTBranch, MixCFN, stripe_attention
 from reproduce.cli import main
 from reproduce.opcount import count_forward, count_model, count_training_step
 
 # Exact counts of this code (torch 2.14): a change that adds operators must update them knowingly. The
-# forward count is the same at 512x512 (1,488 before the eager work of issue 16): 64x64 pads the same
+# forward counts are the same at 512x512 (1,488 before the eager work of issue 16): 64x64 pads the same
 # branches (the two ws = 7 ones). The training step was 4,943 by this counter before that work.
-HRVIT_B1_SEG_FORWARD_OPS = 1199
-HRVIT_B1_CLS_TRAIN_STEP_OPS = 3475
-
-
-@pytest.fixture(scope="module")
-def b1_seg() -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = build_model("hrvit_b1", "seg", 19)
-    for m in model.modules():  # running statistics and affine values far from the identity
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
-    return model.eval()
+HRVIT_B1_SEG_FORWARD_OPS = 1164
+HRVIT_B1_SEG_INFERENCE_OPS = 930  # the merged copy of fuse_for_inference; issue 16's target: <= 1,000
+HRVIT_B1_CLS_TRAIN_STEP_OPS = 3405
 
 
 def test_counter_separates_compute_from_views():
@@ -56,16 +44,54 @@ def test_bench_count_ops_prints_the_counts(capsys):
     assert result["results"][0]["compute_ops"] == HRVIT_B1_SEG_FORWARD_OPS
 
 
-def test_fuse_for_inference_keeps_outputs_and_drops_every_batchnorm(b1_seg):
+def _randomise_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
+    for m in model.modules():  # running statistics and affine values far from the identity
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def b1_seg() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return _randomise_batch_norms(build_model("hrvit_b1", "seg", 19))
+
+
+def test_fuse_for_inference_keeps_outputs_and_merges(b1_seg):
     keys = list(b1_seg.state_dict())
     fused = fuse_for_inference(b1_seg)
-    x = torch.randn(2, 3, 45, 39)  # odd size: padded stripes and cropped fusion paths
+    x = torch.randn(2, 3, 45, 39)  # odd size: padded stripes, cropped fusion paths, resized head branches
     with torch.no_grad():
         torch.testing.assert_close(fused(x), b1_seg(x), atol=1e-5, rtol=0)
-    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in fused.modules())
-    n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in b1_seg.modules())
-    assert count_forward(fused, torch.randn(1, 3, 64, 64)).compute == HRVIT_B1_SEG_FORWARD_OPS - n_bn
+    modules = list(fused.modules())
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in modules)
+    assert not any(isinstance(m, MixCFN) for m in modules)
+    assert sum(isinstance(m, MergedMixCFN) for m in modules) == sum(isinstance(m, MixCFN) for m in b1_seg.modules())
+    assert isinstance(fused.decode_head, ComposedSegFormerHead)
+    assert count_forward(fused, torch.randn(1, 3, 64, 64)).compute == HRVIT_B1_SEG_INFERENCE_OPS <= 1000
     assert list(b1_seg.state_dict()) == keys  # the model it was given is untouched
+
+
+@pytest.mark.parametrize("name", ["mit_b0", "cswin_ti", "hrnet18_mit"])
+def test_fuse_for_inference_keeps_the_baselines_outputs(name):
+    """Their SegFormer heads are composed too (and HRNet's BatchNorms folded)."""
+    torch.manual_seed(0)
+    model = _randomise_batch_norms(build_model(name, "seg", 19))
+    fused = fuse_for_inference(model)
+    assert isinstance(fused.decode_head, ComposedSegFormerHead)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_bench_count_ops_counts_the_inference_copy_with_fuse_bn(capsys):
+    argv = ["bench", "--count-ops", "--models", "hrvit_b1", "--size", "64", "64", "--json"]
+    assert main([*argv, "--fuse-bn"]) == 0
+    row = json.loads(capsys.readouterr().out)["results"][0]
+    assert (row["fused_bn"], row["compute_ops"]) == (True, HRVIT_B1_SEG_INFERENCE_OPS)
 
 
 def test_cached_padding_survives_inference_then_training_on_another_dtype():
