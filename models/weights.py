@@ -163,11 +163,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.suffix == ".safetensors":
         tensors, metadata = read_safetensors(path)
-        meta = json.loads(metadata["meta"]) if "meta" in metadata else {}
+        try:
+            meta = json.loads(metadata.get("meta", "{}"))
+        except json.JSONDecodeError:
+            meta = None
+        if not isinstance(meta, dict):
+            raise WeightsError(f"{path}: its 'meta' header is not a JSON object (damaged or edited by hand)")
         return {"format": metadata.get("format", "safetensors"), **meta, "model_state": tensors}
     checkpoint = load_torch_file(path)
     if not isinstance(checkpoint, Mapping):
         raise WeightsError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint (a dict of tensors)")
+    if checkpoint.get("format") in SUITE_FORMATS and not isinstance(checkpoint.get("model_state"), Mapping):
+        raise WeightsError(f"{path} is in this suite's format but lacks model_state (damaged or edited by hand)")
     return checkpoint
 
 

@@ -60,6 +60,14 @@ def _safetensors_file(path: Path) -> None:
     save_file({"weight": torch.zeros(4096)}, str(path))
 
 
+def _suite_checkpoint_without_weights(path: Path) -> None:
+    torch.save({"format": "hrvit-repro-checkpoint/1", "task": "seg", "model": "mit_b0"}, path)
+
+
+def _suite_weights_with_a_broken_header(path: Path) -> None:
+    save_file({"weight": torch.zeros(4)}, str(path), metadata={"format": "hrvit-repro-weights/1", "meta": "{cut off"})
+
+
 # name -> (file suffix, writer, the words the error must contain)
 BAD_FILES: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "missing": (".pt", lambda path: None, "does not exist"),
@@ -71,6 +79,8 @@ BAD_FILES: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "html as .safetensors": (".safetensors", lambda path: path.write_text("<html>403</html>"), "the file is text ('<html>403"),
     "torch file as .safetensors": (".safetensors", _torch_file, "the file is a zip archive"),
     "a tensor, not a dict": (".pt", lambda path: torch.save(torch.zeros(2), path), "not a checkpoint"),
+    "suite checkpoint without weights": (".pt", _suite_checkpoint_without_weights, "is in this suite's format but lacks"),
+    "suite weights, broken header": (".safetensors", _suite_weights_with_a_broken_header, "'meta' header is not a JSON object"),
     "runs code": (".pt", _runs_code, "is refused: unpickling it would call"),
     "runs code, legacy format": (".pth", lambda path: _runs_code(path, legacy=True), "is refused: unpickling it would call"),
 }
@@ -130,7 +140,7 @@ def test_a_bad_weights_file_is_one_error_line_naming_it(tmp_path, capsys, comman
     assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()  # refused before any work
 
 
-@pytest.mark.parametrize("bad", ["runs code", "truncated .pth", "empty .pt", "a tensor, not a dict"])
+@pytest.mark.parametrize("bad", ["runs code", "truncated .pth", "empty .pt", "a tensor, not a dict", "suite checkpoint without weights"])
 def test_a_bad_checkpoint_to_resume_from_is_one_error_line_naming_it(tmp_path, capsys, bad):
     out = tmp_path / "out"
     out.mkdir()
@@ -143,6 +153,7 @@ def test_a_bad_checkpoint_to_resume_from_is_one_error_line_naming_it(tmp_path, c
     _assert_one_line_error(err, BAD_FILES[bad][2])
     assert str(out / "checkpoint.pt") in err and "--no-resume" in err
     assert not (out / MARKER).exists() and not (out / "metrics.json").exists()
+    assert not (tmp_path / "data").exists()  # refused before the data is generated
 
 
 @pytest.mark.parametrize("bad", BAD_FILES)

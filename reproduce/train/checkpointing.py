@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
-from models.weights import load_torch_file, read_safetensors
+from models.weights import load_torch_file, read_checkpoint
 from reproduce.params import BEST_NAME, CHECKPOINT_FORMAT, CHECKPOINT_NAME, WEIGHTS_FORMAT, WEIGHTS_NAME
 
 # The description a weights file carries (everything but the tensors and the training state).
@@ -87,6 +87,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     state = load_torch_file(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a checkpoint written by this suite (format {CHECKPOINT_FORMAT!r})")
+    return _complete(path, state)
+
+
+def _complete(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` if it has every key a run file of this suite is written with, else a ValueError naming the
+    missing ones (a file in the suite's format that was damaged or edited by hand)."""
+    missing = [k for k in (*WEIGHTS_META_KEYS, "model_state") if k not in state]
+    if not missing and not isinstance(state["model_state"], dict):
+        missing = ["model_state (a dict of tensors)"]
+    if missing:
+        raise ValueError(f"{path} is in this suite's format but lacks {', '.join(missing)} (damaged or edited by hand)")
     return state
 
 
@@ -95,10 +106,10 @@ def load_weights(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise _missing(path)
-    tensors, metadata = read_safetensors(path)
-    if metadata.get("format") != WEIGHTS_FORMAT:
+    state = read_checkpoint(path)
+    if state["format"] != WEIGHTS_FORMAT:
         raise ValueError(f"{path} is not a weights file written by this suite (format {WEIGHTS_FORMAT!r})")
-    return {"format": WEIGHTS_FORMAT, **json.loads(metadata["meta"]), "model_state": tensors}
+    return _complete(path, state)
 
 
 def load_run_state(path: Path) -> dict[str, Any]:

@@ -88,6 +88,7 @@ class RunSpec:
     eval_every_steps: int  # 0: only the final evaluation
     start: float
     step_hooks: tuple[StepHook, ...] = ()
+    checkpoint: dict[str, Any] | None = None  # OUTPUT's checkpoint.pt, read by fit before any data (resume_checkpoint)
 
 
 def fit(task: Task, args: argparse.Namespace, step_hooks: Sequence[StepHook] = ()) -> int:
@@ -98,6 +99,7 @@ def fit(task: Task, args: argparse.Namespace, step_hooks: Sequence[StepHook] = (
     compilation.check_arguments(args)
     env_hook = step_hook_from_env()
     hooks = (*step_hooks, *([env_hook] if env_hook else []))
+    checkpoint = resume_checkpoint(args)
     start = time.time()
     ctx = setup(args.device)
     try:
@@ -130,6 +132,7 @@ def fit(task: Task, args: argparse.Namespace, step_hooks: Sequence[StepHook] = (
             eval_every_steps=task.eval_every_steps(recipe, sched),
             start=start,
             step_hooks=hooks,
+            checkpoint=checkpoint,
         )
         return run_training(spec, ctx, log)
     finally:
@@ -145,16 +148,29 @@ def resume_identity(spec: RunSpec) -> dict[str, Any]:
     return json.loads(json.dumps({**spec.identity, **recipe, "profile": spec.args.profile}, default=str))
 
 
-def resume_state(spec: RunSpec, identity: dict[str, Any], log: Logger) -> dict[str, Any] | None:
-    """The checkpoint in OUTPUT to resume from, if any; one from a different run is refused with
-    every differing setting as ``name: old -> new``."""
-    path = spec.args.output / CHECKPOINT_NAME
-    if spec.args.no_resume or not path.is_file():
+def resume_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
+    """OUTPUT's checkpoint.pt, read (safely) before any data is prepared, so that an unreadable one is
+    refused before that work; None without one or with ``--no-resume``."""
+    path = args.output / CHECKPOINT_NAME
+    if args.no_resume or not path.is_file():
         return None
     try:
         state = load_checkpoint(path)
     except ValueError as err:
         raise SettingsError(f"{err}; or pass --no-resume to start over") from err
+    missing = [k for k in ("optimizer_state", "scaler_state") if k not in state]
+    if missing:
+        raise SettingsError(f"{path} lacks {', '.join(missing)}, so training cannot resume from it (a best.pt copied over it?); "
+                            "move it away or pass --no-resume to start over")
+    return state
+
+
+def resume_state(spec: RunSpec, identity: dict[str, Any], log: Logger) -> dict[str, Any] | None:
+    """The checkpoint in OUTPUT to resume from, if any; one from a different run is refused with
+    every differing setting as ``name: old -> new``."""
+    state, path = spec.checkpoint, spec.args.output / CHECKPOINT_NAME
+    if state is None:
+        return None
     if "identity" not in state:
         raise SettingsError(f"{path} was written by an older version of this suite and cannot be resumed; use another --output or pass --no-resume")
     diff = identity_diff(state["identity"], identity)
