@@ -180,7 +180,11 @@ def test_pretrain_finetune_evaluate_chain(pretrained, tmp_path, capsys):
     ev = _metrics(tmp_path / "ev")
     assert ev["miou"] == ft["miou"] and ev["per_class_iou"] == ft["per_class_iou"] and ev["profile"] == "smoke"
     assert main(["evaluate", "--checkpoint", str(tmp_path / "ft" / "model.safetensors"), "--data-root", str(data), "--output", str(tmp_path / "ev2")]) == 0
-    assert _metrics(tmp_path / "ev2")["miou"] == ft["miou"]
+    assert _metrics(tmp_path / "ev2")["miou"] == ft["miou"] and not ev["fused_bn"]
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "ft" / "model.safetensors"), "--fuse-bn", "--data-root", str(data),
+                 "--output", str(tmp_path / "ev3")]) == 0
+    ev3 = _metrics(tmp_path / "ev3")  # the merged inference copy: the same scores up to a pixel whose argmax rounding flips
+    assert ev3["fused_bn"] and ev3["per_class_iou"] == pytest.approx(ft["per_class_iou"], abs=1e-3)
     assert main(["finetune", *TINY_FINETUNE, "--pretrained", str(pretrained / "run" / "model.safetensors"),
                  "--data-root", str(data), "--output", str(tmp_path / "ft-st")]) == 0
     ft_st = _metrics(tmp_path / "ft-st")

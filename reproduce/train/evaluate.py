@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from models.factory import build_model, check_model_name, is_external
+from models.fuse import fuse_for_inference
 from models.weights import WeightsError, load_segmentation_weights
 from reproduce import recipes
 from reproduce.data.datasets import SEG_DATASETS
@@ -55,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--amp", choices=recipes.AMP_MODES, default=None, help="precision of the evaluation (default: the run's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (default off)")
+    parser.add_argument("--fuse-bn", action="store_true",
+                        help="score the merged inference copy (models/fuse.py: BatchNorms folded, MixCFN and SegFormer-head "
+                             "convolutions merged): the same function up to rounding, fewer operators (default off)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
 
@@ -162,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
             raise SettingsError(f"{args.dataset} at {data.root} has {len(data.class_names)} classes that differ from the checkpoint's {len(class_names)}")
         dataset = task.dataset(data, args.split, recipe, augment=False)
         options = EvalOptions(task.eval_batch(recipe, ctx), recipe.num_workers, autocast_dtype(recipe.amp, ctx.device))
+        if args.fuse_bn:
+            model = fuse_for_inference(model)
         model = common.wrap_model(model, ctx, sync_bn=False, compile_mode="default" if args.compile else None)
         log.line(f"{name} ({task.task}, {origin}) on {args.dataset} {args.split}: {len(dataset)} images, world {ctx.world_size}")
         result = task.score(model, dataset, ctx, data.class_names, recipe, options)
@@ -170,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
             metrics = {
                 **result, **source, "wall_time_s": time.time() - start, "task": task.task, "dataset": args.dataset,
                 "split": args.split, "data_source": data.source, "model": name, "model_settings": settings, "recipe": dataclasses.asdict(recipe),
-                "world_size": ctx.world_size, "precision": precision_name(options.dtype), "compile": args.compile, "git_commit": common.git_commit(),
+                "world_size": ctx.world_size, "precision": precision_name(options.dtype), "compile": args.compile, "fused_bn": args.fuse_bn, "git_commit": common.git_commit(),
             }
             write_metrics(args.output / METRICS_NAME, metrics)
             log.line(f"wrote {args.output / METRICS_NAME}")

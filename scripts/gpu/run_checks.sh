@@ -10,7 +10,7 @@
 # checks.jsonl (one line per part: exit status and seconds), NAME.out / NAME.log per part;
 # summary.txt (and stdout) last. --tiny: the same parts at tiny sizes on the CPU (a smoke test of
 # this script, figures mean nothing). CHECKS_ONLY="self-check compile-cls" runs only the parts named
-# (train-cls infer-seg train-seg loader self-check compile-cls), e.g. in a second slot.
+# (train-cls infer-seg infer-seg-merged train-seg loader self-check compile-cls), e.g. in a second slot.
 set -u
 
 : "${OUT:?set OUT to the folder the results go to}"
@@ -70,6 +70,7 @@ note "{\"part\": \"env\", \"env\": $(cat "$OUT/env.json" 2>/dev/null || echo nul
 # compiling (HRViT-b1: over 100 s) gets what is left, here and in compile-cls.
 bench train-cls 110 --mode train --task cls "${CLS[@]}" --models "${CLS_MODELS[@]}" --variants "${VARIANTS[@]}"
 bench infer-seg 50 --mode infer --task seg "${SEG[@]}" --models hrvit_b1 smp_mit_b1 --variants "${VARIANTS[@]}"
+bench infer-seg-merged 30 --mode infer --task seg "${SEG[@]}" --models hrvit_b1 --fuse-bn --variants "${VARIANTS[@]}"
 bench train-seg 75 --mode train --task seg "${SEG[@]}" --models "${SEG_MODELS[@]}" --variants "${VARIANTS[@]}"
 part loader 35 "$PYTHON" -m reproduce bench --data imagenet --workers "$WORKERS" --jsonl "$OUT/bench.jsonl" --json
 part self-check 250 bash -c '"$@" --budget-s "$PART_S"' _ \

@@ -31,7 +31,8 @@ def bench_lines(records: list[dict]) -> list[str]:
              f"{'kernels':>7} {'busy %':>6} {'peak GiB':>8}"]
     for r in records:
         o = r.get("options", {})
-        head = f"{o.get('mode', '?'):<5} {o.get('task', '?'):<4} {o.get('size', ['?'])[0]:>4} {o.get('batch_size', '?'):>5}  {r['model']:<26}"
+        model = r["model"] + (" merged" if r.get("fused_bn") else "")  # bench --fuse-bn: the inference copy
+        head = f"{o.get('mode', '?'):<5} {o.get('task', '?'):<4} {o.get('size', ['?'])[0]:>4} {o.get('batch_size', '?'):>5}  {model:<26}"
         if r["bench"] == "row":
             busy = r.get("gpu_busy_fraction")
             lines.append(f"{head} {r['images_per_s']:>8.1f} {1e3 * r['latency_s']:>8.1f} {r['first_step_s']:>7.1f} "
