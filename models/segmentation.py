@@ -73,6 +73,12 @@ class SegmentationModel(nn.Module):
     def num_classes(self) -> int:
         return self.decode_head.num_classes
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's method for the whole model: the backbone recomputes its blocks in the backward (the head
+        is small). timm's ``FeatureGetterNet`` wrapper does not pass the call on, so it goes to its model."""
+        inner = getattr(self.backbone, "model", None)
+        (inner if hasattr(inner, "set_grad_checkpointing") else self.backbone).set_grad_checkpointing(enable)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits at stride 4: (B, num_classes, ~H/4, ~W/4)."""
         return self.decode_head(self.backbone(x))

@@ -249,8 +249,8 @@ def _dropped_notice(dropped: list[str], target: Mapping[str, torch.Tensor], fmt:
     """One short line on the checkpoint's head tensors a model does not take, and why."""
     absent = [k for k in dropped if k not in target]
     resized = [k for k in dropped if k in target]
-    parts = [f"{len(absent)} under {', '.join(sorted({k.split('.')[0] + '.' for k in absent}))} that the model "
-             "has not (a backbone builds no classifier head)"] if absent else []
+    parts = [f"{len(absent)} named {', '.join(sorted({k.split('.')[0] + '.*' for k in absent}))}, which the model "
+             "lacks (a backbone builds no classifier head)"] if absent else []
     if resized:
         key = resized[0]
         parts.append(f"{len(resized)} of another width (a head for another number of classes, e.g. {key} "

@@ -103,6 +103,18 @@ def test_grad_checkpointing_recomputes_blocks_with_the_same_gradients(name, monk
 
 
 @pytest.mark.parametrize("name", FAMILIES)
+def test_segmentation_model_passes_grad_checkpointing_to_its_backbone(name, monkeypatch):
+    block_cls = FAMILIES[name][1]
+    torch.manual_seed(0)
+    model = wake_attention(build_model(name, "seg", 5, **FAMILIES[name][0])).train()
+    model.set_grad_checkpointing(True)
+    n_blocks = sum(isinstance(m, block_cls) for m in model.modules())
+    calls = count_forward_calls(monkeypatch, block_cls)
+    model(torch.randn(*ODD)).square().mean().backward()
+    assert n_blocks > 0 and len(calls) == 2 * n_blocks  # every block ran again in backward
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_pruned_model_runs_and_keeps_the_selected_map(name):
     model = small(name).eval()
     full = copy.deepcopy(model)
