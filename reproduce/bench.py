@@ -436,8 +436,18 @@ def _bench_in_subprocess(config: dict[str, Any], checkout: Path, timeout: float 
     except subprocess.TimeoutExpired as err:
         raise RuntimeError(f"stopped after {err.timeout:.0f} s: --budget-s spent") from err
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmarking {config['model']} ({checkout}) failed:\n{proc.stderr[-4000:]}")
+        last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise RowFailed(f"benchmarking {config['model']} ({checkout}) failed: {last}", proc.stderr[-4000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class RowFailed(RuntimeError):
+    """A row its worker process could not measure: the message is the worker's last error line, ``traceback``
+    its stderr (kept in the ``--jsonl`` record, not printed)."""
+
+    def __init__(self, message: str, traceback: str):
+        super().__init__(message)
+        self.traceback = traceback
 
 
 def _bench_here(config: dict[str, Any]) -> dict[str, Any]:
@@ -563,7 +573,8 @@ def _measure_rounds(args: argparse.Namespace, jobs: list[tuple[str, str, Path, s
                 problems[j] = str(err)
                 print(f"bench: {label} (round {r + 1}): {err}", file=sys.stderr, flush=True)
                 _append_jsonl(args.jsonl, {"bench": "failed", "model": label, "variant": variant, "round": r + 1,
-                                           "options": options, "error": str(err)[-2000:]})
+                                           "options": options, "error": str(err)[-2000:],
+                                           "traceback": getattr(err, "traceback", "")[-4000:]})
                 continue
             done[j] = row
             _append_jsonl(args.jsonl, {"bench": "row", **_derive(dict(row), args.batch_size, mac_factor),

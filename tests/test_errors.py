@@ -9,6 +9,7 @@ is one row of its table.
 from __future__ import annotations
 
 import argparse
+import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -221,3 +222,15 @@ def test_bench_times_a_timm_model():
     bench.check_args(args)
     row = bench.bench_one({"model": "timm:resnet18", **{key: getattr(args, key) for key in bench.OPTION_KEYS}})
     assert row["model"] == "timm:resnet18" and row["params"] > 11e6 and row["gmacs"] > 0 and row["latency_s"] > 0
+
+
+def test_a_model_that_cannot_run_at_the_size_is_one_bench_line(tmp_path, capsys):
+    """The worker's traceback stays out of the terminal (one line names the error) and goes to --jsonl."""
+    rows = tmp_path / "rows.jsonl"
+    argv = ["bench", "--models", "timm:vit_tiny_patch16_224", "--size", "64", "64", "--runs", "1", "--warmup", "0",
+            "--threads", "1", "--jsonl", str(rows)]
+    assert main(argv) == 1  # a row not measured: exit 1, after the other rows (here none) are reported
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "failed: AssertionError: Input height (64) doesn't match model (224)." in err
+    (record,) = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert record["bench"] == "failed" and "Traceback" in record["traceback"]
