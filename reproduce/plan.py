@@ -14,7 +14,8 @@ How the figures are made (all printed with the plan):
 * GPU-hours: from ``--measured FILE ...`` (``results/doctor.json``, ``bench --json`` output or the
   lines of ``bench --jsonl``: their training-step rows): a stage whose model was measured at the
   stage's task and size takes the measured images/s (the fastest variant measured: eager, compiled
-  or CUDA graphs); one whose model was measured at another size takes that run's achieved GMAC/s;
+  or CUDA graphs); one whose model was measured at another size takes that run's achieved GMAC/s
+  (of the same task if there is one);
   a model not measured falls back to the assumption below, labelled so per stage. From
   ``--throughput FILE`` (the JSON of ``bench --device cuda --mode train --json``: each model's
   achieved GMAC/s, or the file's mean for models it did not measure). Otherwise from
@@ -159,11 +160,14 @@ def read_measured(paths: list[Path]) -> list[Measured]:
 
 
 def _fastest(measured: list[Measured], model: str, task: str, size: int) -> tuple[Measured | None, Measured | None]:
-    """The fastest measurement of ``model`` at this task and size, and the fastest at any other (by GMAC/s)."""
+    """The fastest measurement of ``model`` at this task and size, and the fastest (by GMAC/s) at another
+    size of this task, or of the other task when this one was not measured (a classification step's GMAC/s
+    says little about a segmentation step's, so it is the last resort)."""
     mine = [m for m in measured if m.model == model]
     same = [m for m in mine if (m.task, m.size) == (task, size)]
+    same_task = [m for m in mine if m.task == task]
     return (max(same, key=lambda m: m.images_per_s, default=None),
-            max(mine, key=lambda m: m.gmac_per_s, default=None))
+            max(same_task or mine, key=lambda m: m.gmac_per_s, default=None))
 
 
 @functools.lru_cache(maxsize=None)
