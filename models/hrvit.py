@@ -315,24 +315,37 @@ class LeftLinear(nn.Linear):
         return torch.baddbmm(self.bias[:, None], self.weight.expand(y.shape[0], -1, -1), y)
 
 
+def one_gemm(x: torch.Tensor) -> bool:
+    """Whether the chunked linears below run as one matrix product on ``x``'s device: yes on a GPU, where
+    each operator is a kernel launch and one product (whose backward needs no weight-chunk
+    concatenations) beats the copies it costs; no on the CPU, where the copies cost more (docs/speed.md)."""
+    return x.device.type == "cuda"
+
+
 class ChunkedOutputLinear(nn.Linear):
     """nn.Linear that returns its output channels as ``chunks`` separate tensors (same weights and
-    state-dict keys): each chunk is contiguous, so it is a channels-last image for its own
-    convolution, where a channel slice of one output would have to be copied."""
+    state-dict keys). On the CPU each chunk is its own product, so it is contiguous: a channels-last
+    image for its own convolution, where a channel slice of one output would have to be copied. On a
+    GPU (``one_gemm``) the chunks are views of one product."""
 
     def __init__(self, in_features: int, out_features: int, chunks: int):
         super().__init__(in_features, out_features)
         self.chunks = chunks
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if one_gemm(x):
+            return super().forward(x).unflatten(-1, (self.chunks, -1)).unbind(-2)  # unbind's backward: one stack
         return tuple(F.linear(x, w, b) for w, b in zip(self.weight.chunk(self.chunks), self.bias.chunk(self.chunks)))
 
 
 class ChunkedInputLinear(nn.Linear):
-    """nn.Linear over an input given as channel chunks (same weights and state-dict keys): the chunk
-    products are accumulated by the matrix multiplications themselves, so no concatenated input is built."""
+    """nn.Linear over an input given as channel chunks (same weights and state-dict keys). On the CPU
+    the chunk products are accumulated by the matrix multiplications themselves, so no concatenated
+    input is built; on a GPU (``one_gemm``) the chunks are concatenated for one product."""
 
     def forward(self, *chunks: torch.Tensor) -> torch.Tensor:
+        if one_gemm(chunks[0]):
+            return super().forward(torch.cat(chunks, dim=-1))
         weights = self.weight.split([c.shape[-1] for c in chunks], dim=1)
         out = F.linear(chunks[0], weights[0], self.bias).flatten(0, -2)
         for x, w in zip(chunks[1:], weights[1:]):

@@ -10,6 +10,7 @@ import torch
 
 from models.factory import build_model
 from models.fuse import ComposedSegFormerHead, MergedMixCFN, fuse_for_inference
+from models import hrvit
 from models.hrvit import HRViTBranch, MixCFN, stripe_attention
 from reproduce.cli import main
 from reproduce.opcount import count_forward, count_model, count_training_step
@@ -20,6 +21,7 @@ from reproduce.opcount import count_forward, count_model, count_training_step
 HRVIT_B1_SEG_FORWARD_OPS = 1164
 HRVIT_B1_SEG_INFERENCE_OPS = 930  # the merged copy of fuse_for_inference; issue 16's target: <= 1,000
 HRVIT_B1_CLS_TRAIN_STEP_OPS = 3405
+HRVIT_B1_CLS_TRAIN_STEP_OPS_ONE_GEMM = 3090  # the chunked linears as one product each, as on a GPU
 
 
 def test_counter_separates_compute_from_views():
@@ -36,6 +38,28 @@ def test_hrvit_b1_seg_forward_op_count(b1_seg):
 def test_hrvit_b1_cls_training_step_op_count():
     counts = count_model("hrvit_b1", "cls", (64, 64), 2, "train", 1000)
     assert counts["compute_ops"] == HRVIT_B1_CLS_TRAIN_STEP_OPS
+
+
+def test_gpu_form_of_the_chunked_linears_counts_fewer_operators(monkeypatch):
+    monkeypatch.setattr(hrvit, "one_gemm", lambda x: True)  # what a CUDA tensor selects
+    counts = count_model("hrvit_b1", "cls", (64, 64), 2, "train", 1000)
+    assert counts["compute_ops"] == HRVIT_B1_CLS_TRAIN_STEP_OPS_ONE_GEMM
+
+
+def test_gpu_form_of_the_chunked_linears_computes_the_same(monkeypatch):
+    torch.manual_seed(0)
+    mlp = MixCFN(16, 64)
+    x = torch.randn(2, 5 * 7, 16, requires_grad=True)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        out = mlp(x, 5, 7)
+        grads = torch.autograd.grad(out.square().sum(), [x, *mlp.parameters()])
+        return (out, *grads)
+
+    chunked = run()
+    monkeypatch.setattr(hrvit, "one_gemm", lambda x: True)
+    for got, want in zip(run(), chunked):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_bench_count_ops_prints_the_counts(capsys):
