@@ -22,7 +22,8 @@ from reproduce.cli import main
 from reproduce.tables.status import init_of
 from reproduce.data import layouts
 from reproduce.train import checkpointing, tasks
-from reproduce.train.evaluation import slide_logits
+from reproduce.train.distributed import DistContext
+from reproduce.train.evaluation import EvalOptions, evaluate_classification, slide_logits
 from reproduce.train.seg_metrics import confusion_matrix, scores
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -69,6 +70,28 @@ def test_miou_matches_a_hand_computed_case_with_mmseg_absent_class_rule():
     assert result["miou"] == pytest.approx(1 / 3)  # (1/3 + 2/3 + 0) / 3; smp's "absent = 1" would give 0.5
     assert result["pixel_accuracy"] == pytest.approx(3 / 5)
     assert result["classes_scored"] == 3
+
+
+def test_an_evaluation_casts_each_weight_to_the_autocast_dtype_once():
+    """One autocast region for the whole split: three batches, one bf16 copy of each weight (a region per
+    batch made three; on a GPU each is a copy kernel per layer per forward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    data = torch.utils.data.TensorDataset(torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,)))
+    names = {p.data_ptr(): n for n, p in model.named_parameters()}
+    casts: list[str] = []
+
+    class WeightCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "_to_copy" and args[0].data_ptr() in names:
+                casts.append(names[args[0].data_ptr()])
+            return func(*args, **(kwargs or {}))
+
+    with WeightCasts():
+        result = evaluate_classification(model, data, DistContext(0, 1, 0, torch.device("cpu")), EvalOptions(2, 0, torch.bfloat16))
+    assert result["eval_images"] == 6 and sorted(casts) == sorted(names.values())
 
 
 def test_confusion_is_accumulated_over_images_not_averaged_per_image():
