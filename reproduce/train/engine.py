@@ -134,6 +134,7 @@ def fit(task: Task, args: argparse.Namespace, step_hooks: Sequence[StepHook] = (
             step_hooks=hooks,
             checkpoint=checkpoint,
         )
+        del checkpoint  # spec holds it until run_training has loaded it, then lets it go
         return run_training(spec, ctx, log)
     finally:
         teardown(ctx)
@@ -310,12 +311,13 @@ def run_training(spec: RunSpec, ctx: DistContext, log: Logger) -> int:
     final checkpoint and model.safetensors, then evaluate and write metrics.json (rank 0)."""
     run = _Run(spec, ctx, log)
     state = resume_state(spec, run.identity, log)
-    start_step = 0
-    if state is not None:
+    resumed, start_step = state is not None, 0
+    if resumed:
         spec.trainer.load_state(state)
         start_step = run.step = state["step"]
         run.history, run.best = list(state.get("eval_history") or []), state.get("best")
-    log.open_live(spec.args.output, resume=state is not None)
+    spec.checkpoint = state = None  # the loaded copy is not kept while the run trains
+    log.open_live(spec.args.output, resume=resumed)
     try:
         throughput = _fit(run, start_step)
         average_bn_stats(ctx, unwrap(spec.trainer.model))
