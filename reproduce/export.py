@@ -7,7 +7,8 @@ whose graph is valid at any input size only if the model computes sizes, padding
 input's shape inside the graph (HRViT's stripe padding does so while it is traced). The command
 therefore checks its own output: with onnxruntime installed it runs the ONNX model at two sizes that
 differ from the traced one in batch, height and width (one that no stride or window divides) and
-compares with PyTorch, failing when they disagree.
+compares with PyTorch, failing when they disagree. ``--fuse-bn`` exports the merged inference copy
+(``models.fuse``) and compares it with the model as built, so the check covers the merging too.
 
 Outputs are those of ``model(x)``: classifier logits (B, classes), or segmentation logits at stride 4
 (B, classes, ~H/4, ~W/4) as ``SegmentationModel.forward`` gives them.
@@ -41,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window-sizes", nargs=4, type=int, default=None, metavar=("A", "B", "C", "D"), help="HRViT only: stripe width per branch, e.g. 1 2 9 9")
     parser.add_argument("--ablate", nargs="+", default=[], metavar="NAME", help="HRViT techniques removed in the checkpoint's model (Table 5)")
     parser.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default: torch's)")
+    parser.add_argument("--fuse-bn", action="store_true", help="export the merged inference copy (models/fuse.py: BatchNorms "
+                        "folded, MixCFN and SegFormer-head convolutions merged); it is checked against the model as built")
     parser.add_argument("--output", type=Path, required=True, metavar="F.onnx", help="the .onnx file to write")
 
 
@@ -147,9 +150,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--checkpoint {' '.join(str(err).split())}") from err
     except ValueError as err:  # an external model that cannot be built as asked
         raise UsageError(str(err)) from err
-    export_onnx(model, args.output, args.opset)
+    if args.fuse_bn:
+        from models.fuse import fuse_for_inference
+
+        export_onnx(fuse_for_inference(model), args.output, args.opset)
+    else:
+        export_onnx(model, args.output, args.opset)
     print(f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB): {INPUT_NAME} [batch, 3, height, width] "
-          f"-> {OUTPUT_NAME}, traced at {'x'.join(map(str, TRACE_INPUT[1:]))}")
+          f"-> {OUTPUT_NAME}, traced at {'x'.join(map(str, TRACE_INPUT[1:]))}{', merged inference copy' if args.fuse_bn else ''}")
     if importlib.util.find_spec("onnxruntime") is None:
         print("not checked: onnxruntime is not installed (pip install -e '.[export]' to check the export)")
         return 0

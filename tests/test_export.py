@@ -13,7 +13,7 @@ from reproduce import cli
 from reproduce.export import INPUT_NAME, OUTPUT_NAME, TRACE_INPUT
 
 onnxruntime = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
+onnx = pytest.importorskip("onnx")
 
 CLASSES = 3
 
@@ -34,17 +34,22 @@ def _save(model: torch.nn.Module, task: str, path) -> None:
         torch.save(model.state_dict(), path)
 
 
-@pytest.mark.parametrize("name,task", [("hrvit_b1", "seg"), ("mit_b0", "seg"), ("cswin_ti", "seg"), ("mit_b0", "cls")])
-def test_export_matches_pytorch_at_sizes_no_stride_or_window_divides(name, task, tmp_path, capsys):
+@pytest.mark.parametrize("name,task,flags", [("hrvit_b1", "seg", []), ("mit_b0", "seg", []), ("cswin_ti", "seg", []), ("mit_b0", "cls", []),
+                                             ("hrvit_b1", "seg", ["--fuse-bn"])])
+def test_export_matches_pytorch_at_sizes_no_stride_or_window_divides(name, task, flags, tmp_path, capsys):
+    """With --fuse-bn the merged inference copy is exported and still matches the model as built."""
     source = _seeded(name, task)
     checkpoint, onnx_file = tmp_path / "weights.pt", tmp_path / "out" / f"{name}.onnx"
     _save(source, task, checkpoint)
 
     status = cli.main(["export", "--model", name, "--task", task, "--num-classes", str(CLASSES),
-                       "--checkpoint", str(checkpoint), "--output", str(onnx_file)])
+                       "--checkpoint", str(checkpoint), "--output", str(onnx_file), *flags])
     out = capsys.readouterr()
     assert status == 0, out.out + out.err
     assert "97x131" in out.out and "MISMATCH" not in out.out
+    assert ("merged inference copy" in out.out) == bool(flags)
+    if flags:  # no BatchNormalization node is left
+        assert "BatchNormalization" not in {node.op_type for node in onnx.load(str(onnx_file)).graph.node}
 
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     for batch, height, width in [(1, 97, 131), (TRACE_INPUT[0] + 1, 45, 70)]:
