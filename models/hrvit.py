@@ -296,13 +296,9 @@ class DiversityShortcut(nn.Module):
         self.act = nn.GELU()
         self.left = LeftLinear(self.k, self.k)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """DES(x), or ``residual`` + DES(x)."""
-        shape = x.shape
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.left(self.act(self.right(x.reshape(-1, self.p))).view(-1, self.k, self.p))  # (T, k, p)
-        if residual is None:
-            return y.reshape(shape)
-        return residual.reshape(y.shape).add(y).reshape(shape)
+        return y.reshape(x.shape)
 
 
 class LeftLinear(nn.Linear):
@@ -408,7 +404,7 @@ class HRViTBlock(nn.Module):
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         a = self.attn(self.norm1(x), H, W)
         if self.des is not None:
-            a = self.des(x, residual=a)  # DES sees the un-normalised input and shares the attention drop-path
+            a = a + self.des(x)  # DES sees the un-normalised input and shares the attention drop-path
         x = x + self.drop_path(a)
         return x + self.drop_path(self.mlp(self.norm2(x), H, W))
 
