@@ -107,6 +107,14 @@ class Task(ABC):
     def dataset(self, data: Data, split: str, recipe: recipes.CommonRecipe, augment: bool) -> Dataset:
         """One split of ``data`` with the training pipeline (``augment``) or the test-time transform."""
 
+    def training_data(self, args: argparse.Namespace, recipe: recipes.CommonRecipe, ctx: DistContext, log: Logger) -> tuple[Data, Dataset, Dataset]:
+        """The run's data with its training (augmented) and validation sets, described in one log line."""
+        data = self.load_data(args.dataset, args.data_root, recipe, ctx, args.output)
+        train_set, val_set = self.dataset(data, "train", recipe, True), self.dataset(data, "val", recipe, False)
+        log.line(f"{args.model} on {args.dataset} ({data.source}): {len(train_set)} train / {len(val_set)} val images, "
+                 f"{len(data.class_names)} classes, world {ctx.world_size}")
+        return data, train_set, val_set
+
     @abstractmethod
     def prepare(self, args: argparse.Namespace, recipe: recipes.CommonRecipe, settings: dict[str, Any], ctx: DistContext, log: Logger) -> Prepared:
         """The model (seeded, with any initial weights) and the data of a run, in the order the task needs."""
@@ -198,10 +206,7 @@ class Classification(Task):
         return classification_set(data.samples[split], recipe, augment)
 
     def prepare(self, args: argparse.Namespace, recipe: recipes.PretrainRecipe, settings: dict[str, Any], ctx: DistContext, log: Logger) -> Prepared:
-        data = self.load_data(args.dataset, args.data_root, recipe, ctx, args.output)
-        train_set, val_set = self.dataset(data, "train", recipe, True), self.dataset(data, "val", recipe, False)
-        log.line(f"{args.model} on {args.dataset} ({data.source}): {len(train_set)} train / {len(val_set)} val images, "
-                 f"{len(data.class_names)} classes, world {ctx.world_size}")
+        data, train_set, val_set = self.training_data(args, recipe, ctx, log)
         common.seed_everything(recipe.seed)  # identical initial weights on every rank
         model = build_model(args.model, "cls", num_classes=len(data.class_names), drop_rate=recipe.head_drop, **common.model_kwargs(args.model, settings))
         return Prepared(model, data, train_set, val_set)
@@ -415,10 +420,7 @@ class Segmentation(Task):
         init, pretrained = load_pretrained_backbone(model, args.pretrained, args.model, settings) if args.pretrained else (RANDOM_INIT, None)
         if args.pretrained:
             log.line(f"backbone initialised from {args.pretrained} ({init['format']}, sha256 {init['sha256'][:12]})")
-        data = self.load_data(args.dataset, args.data_root, recipe, ctx, args.output)
-        train_set, val_set = self.dataset(data, "train", recipe, True), self.dataset(data, "val", recipe, False)
-        log.line(f"{args.model} on {args.dataset} ({data.source}): {len(train_set)} train / {len(val_set)} val images, "
-                 f"{num_classes} classes, world {ctx.world_size}")
+        data, train_set, val_set = self.training_data(args, recipe, ctx, log)
         return Prepared(model, data, train_set, val_set, identity={"pretrained": str(args.pretrained) if args.pretrained else None},
                         metrics={"init": init, "pretrained": pretrained})
 
