@@ -648,7 +648,7 @@ def _print_table(result: dict[str, Any]) -> None:
     print(f"{opts['task']} {what}, batch {opts['batch_size']}, {opts['size'][0]}x{opts['size'][1]}, "
           f"{opts['num_classes']} classes, {opts['device']} {opts['amp'] or 'fp32'}"
           f"{', channels-last' if opts['channels_last'] else ''}{', compiled' if opts['compile'] else ''}"
-          f"{', BatchNorm folded' if opts.get('fuse_bn') else ''}, "
+          f"{', merged inference copy' if opts.get('fuse_bn') else ''}, "
           f"median of {opts['runs']} after {opts['warmup']} warm-up"
           f"{f' per round, medians over {rounds} alternating rounds' if (rounds := result['rounds']) > 1 else ''}, "
           f"torch {result['torch']}, {result['threads']} threads; "

@@ -150,12 +150,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--checkpoint {' '.join(str(err).split())}") from err
     except ValueError as err:  # an external model that cannot be built as asked
         raise UsageError(str(err)) from err
-    if args.fuse_bn:
-        from models.fuse import fuse_for_inference
+    from models.fuse import fuse_for_inference
 
-        export_onnx(fuse_for_inference(model), args.output, args.opset)
-    else:
-        export_onnx(model, args.output, args.opset)
+    export_onnx(fuse_for_inference(model) if args.fuse_bn else model, args.output, args.opset)
     print(f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB): {INPUT_NAME} [batch, 3, height, width] "
           f"-> {OUTPUT_NAME}, traced at {'x'.join(map(str, TRACE_INPUT[1:]))}{', merged inference copy' if args.fuse_bn else ''}")
     if importlib.util.find_spec("onnxruntime") is None:
