@@ -5,6 +5,7 @@ train/memory_mb; per evaluation: eval/top1 or eval/miou). The pipeline declares 
 so DVCLive writes no dvc.yaml and makes no experiment."""
 from __future__ import annotations
 
+import json
 import math
 import resource
 import sys
@@ -17,12 +18,26 @@ from tqdm import tqdm
 from reproduce.params import DVCLIVE_DIR
 from reproduce.train.distributed import DistContext
 
+LIVE_SUMMARY = "metrics.json"  # DVCLive's summary of the latest step, in its folder (``Live.metrics_file``)
+
 
 def memory_mb(device: torch.device) -> float:
     """Peak memory so far: CUDA memory allocated by torch, or the process's peak RSS on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def drop_torn_summary(path: Path) -> None:
+    """Delete DVCLive's summary if it is not a JSON document: a run killed while DVCLive rewrote it leaves
+    it empty or cut short, and DVCLive cannot resume over that. The summary is rewritten at the next
+    logged step; the per-step history (``plots/metrics``) is kept."""
+    try:
+        json.loads(path.read_text())
+    except FileNotFoundError:
+        return
+    except (ValueError, UnicodeDecodeError):
+        path.unlink()
 
 
 class Logger:
@@ -46,6 +61,8 @@ class Logger:
         if self.ctx.is_main:
             from dvclive import Live  # rank 0 only: the other ranks never load dvclive (and dvc's config machinery)
 
+            if resume:
+                drop_torn_summary(output / DVCLIVE_DIR / LIVE_SUMMARY)
             self.live = Live(dir=str(output / DVCLIVE_DIR), resume=resume, save_dvc_exp=False, dvcyaml=None)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
